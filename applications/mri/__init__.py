@@ -1,0 +1,1 @@
+"""MRI reconstruction: the first full application of bilevelkit."""

@@ -1,0 +1,323 @@
+"""Costate solvers: strategies that turn a ``Dynamics`` and a terminal loss into gradients.
+
+With the Lagrangian ``L = ℓ(x_T) + Σ_t Re⟨λ_t, F_t(x_{t-1}; θ_t) − x_t⟩`` the first-order
+conditions give the backward (costate) recursion
+
+    λ_T = ∇ℓ(x_T),   λ_{t-1} = (∂_x F_t)* λ_t,   ∇_{θ_t} L = (∂_θ F_t)* λ_t,
+
+and Theorem 1 says ``∇_θ L = ∇_θ ℓ``. Every solver returns the same numbers; they differ in
+what they keep in memory and what they recompute. Pick one by cost:
+
+==================  ============================  ===========================================
+solver              memory                         time (F = one phase forward)
+==================  ============================  ===========================================
+AutogradCostate     all T phases' activations      T·F forward + backward
+AdjointSweep        T+1 states + one phase's       2·T·F forward + backward (each phase is
+                    activations                    evaluated again inside its VJP)
+CheckpointedSweep   k states + one phase's         ≤ (r+1)·T·F forward + backward, r the least
+                    activations                    integer with C(k−1+r, r) ≥ T
+==================  ============================  ===========================================
+
+Every solver has ``solve(dynamics, ctx, loss) -> CostateResult`` and
+``backward(dynamics, ctx, loss)``, which accumulates into ``p.grad`` like
+``loss.backward()`` so any ``torch.optim`` optimizer works unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import comb
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, vjp
+from torch.overrides import TorchFunctionMode
+
+from .dynamics import Dynamics, check_horizon, check_loss, check_state
+
+Loss = Callable[[Tensor], Tensor]
+
+__all__ = ["CostateResult", "AutogradCostate", "AdjointSweep", "CheckpointedSweep"]
+
+
+@dataclass
+class CostateResult:
+    """What a solver returns.
+
+    ``loss``: ``ℓ(x_T)`` (detached). ``grads``: ``∇_θ ℓ`` keyed by ``named_parameters()``
+    names (trainable parameters only). ``states`` ``[x_0..x_T]`` and ``multipliers``
+    ``[λ_0..λ_T]`` (``λ_t = ∂ℓ/∂x_t``) when the solver kept them, else ``None``.
+    """
+
+    loss: Tensor
+    grads: dict[str, Tensor]
+    states: list[Tensor] | None = None
+    multipliers: list[Tensor] | None = None
+
+
+class _Solver:
+    keep: bool = False
+
+    def solve(self, dynamics: Dynamics, ctx: Any, loss: Loss) -> CostateResult:
+        raise NotImplementedError
+
+    def backward(self, dynamics: Dynamics, ctx: Any, loss: Loss) -> Tensor:
+        """Accumulate ``∇_θ ℓ`` into ``p.grad`` (like ``loss.backward()``); return ``ℓ(x_T)``."""
+        result = self.solve(dynamics, ctx, loss)
+        params = dict(dynamics.named_parameters())
+        for name, g in result.grads.items():
+            p = params[name]
+            p.grad = g if p.grad is None else p.grad.add_(g)
+        return result.loss
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"
+
+
+def _trainable(dynamics: Dynamics) -> dict[str, Tensor]:
+    return {n: p for n, p in dynamics.named_parameters() if p.requires_grad}
+
+
+def _unused_error(names: list[str]) -> ValueError:
+    listed = ", ".join(repr(n) for n in names)
+    return ValueError(
+        f"parameter(s) {listed} require grad but no phase of the dynamics uses them; "
+        "remove them or set requires_grad=False"
+    )
+
+
+class AutogradCostate(_Solver):
+    """Reference solver: plain back-propagation through the rollout.
+
+    Memory: every phase's activations (the whole autograd graph of the T phases).
+    Time: one forward and one backward pass. With ``keep=True`` the multipliers
+    ``λ_t = ∂ℓ/∂x_t`` are read off the same backward pass (through zero probes added to each
+    state), which makes this the independent oracle the other solvers are tested against.
+    """
+
+    def __init__(self, keep: bool = False):
+        self.keep = keep
+
+    def solve(self, dynamics: Dynamics, ctx: Any, loss: Loss) -> CostateResult:
+        T = check_horizon(dynamics)
+        params = _trainable(dynamics)
+        probes: list[Tensor] = []
+        with torch.enable_grad():
+            states = []
+            for t in range(T + 1):
+                x = check_state(dynamics(t, states[-1] if t else None, ctx),
+                                states[-1] if t else None, t)
+                if self.keep:
+                    probes.append(torch.zeros_like(x, requires_grad=True))
+                    x = x + probes[-1]
+                states.append(x)
+            value = check_loss(loss(states[-1]))
+            inputs = [*params.values(), *probes]
+            grads = torch.autograd.grad(value, inputs, allow_unused=True) if inputs else ()
+        unused = [n for n, g in zip(params, grads) if g is None]
+        if unused:
+            raise _unused_error(unused)
+        lams = [
+            torch.zeros_like(z) if g is None else g for z, g in zip(probes, grads[len(params):])
+        ]
+        return CostateResult(
+            loss=value.detach(),
+            grads=dict(zip(params, grads[: len(params)])),
+            states=[x.detach() for x in states],
+            multipliers=lams if self.keep else None,
+        )
+
+
+class _Usage(TorchFunctionMode):
+    """Records which watched tensors (the parameters) a phase passes to any torch op."""
+
+    def __init__(self, watched: dict[int, str]):
+        super().__init__()
+        self.watched, self.used = watched, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        stack = [args, kwargs]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, (list, tuple)):
+                stack.extend(item)
+            elif isinstance(item, dict):
+                stack.extend(item.values())
+            elif isinstance(item, Tensor) and id(item) in self.watched:
+                self.used.add(self.watched[id(item)])
+        return func(*args, **kwargs)
+
+
+class _Sweep:
+    """One backward sweep: phase evaluations, phase VJPs and the gradient accumulator.
+
+    Phase ``t`` is first evaluated (without a graph) under a ``_Usage`` recorder, which tells
+    which parameters it reads; its VJP later differentiates with respect to those only.
+    """
+
+    def __init__(self, dynamics: Dynamics, ctx: Any, loss: Loss, keep: bool):
+        self.dynamics, self.ctx, self.loss, self.keep = dynamics, ctx, loss, keep
+        self.T = check_horizon(dynamics)
+        self.params = _trainable(dynamics)
+        self.used: dict[int, tuple[str, ...]] = {}
+        self.grads: dict[str, Tensor] = {}
+        self.value: Tensor | None = None
+        self.states: list[Tensor | None] = [None] * (self.T + 1)
+        self.multipliers: list[Tensor | None] = [None] * (self.T + 1)
+
+    def advance(self, t: int, x: Tensor | None) -> Tensor:
+        """``x_t = F_t(x_{t-1})`` without a graph (recording parameter use the first time)."""
+        with torch.no_grad():
+            if t in self.used:
+                out = self.dynamics(t, x, self.ctx)
+            else:
+                with _Usage({id(p): n for n, p in self.params.items()}) as usage:
+                    out = self.dynamics(t, x, self.ctx)
+                self.used[t] = tuple(n for n in self.params if n in usage.used)
+        out = check_state(out, x, t)
+        if self.keep:
+            self.states[t] = out
+        return out
+
+    def terminal(self, x_prev: Tensor) -> tuple[Tensor, Tensor]:
+        """Evaluate ``x_T`` and ``λ_T = ∇ℓ(x_T)``; by then every phase has been evaluated."""
+        x_T = self.advance(self.T, x_prev)
+        seen = set().union(*self.used.values())
+        unused = [n for n in self.params if n not in seen]
+        if unused:
+            raise _unused_error(unused)
+        value, pullback = vjp(lambda x: check_loss(self.loss(x)), x_T)
+        self.value = value.detach()
+        (lam,) = pullback(torch.ones_like(value))
+        return x_T, lam
+
+    def vjp(self, t: int, x_prev: Tensor | None, lam: Tensor) -> Tensor | None:
+        """Add ``(∂_θ F_t)* λ_t`` to the gradients and return ``λ_{t-1} = (∂_x F_t)* λ_t``."""
+        if self.keep:
+            self.multipliers[t] = lam
+        if t not in self.used:
+            self.advance(t, x_prev)
+        primals = {n: self.params[n].detach() for n in self.used[t]}
+        if t == 0:
+            if not primals:
+                return None
+            _, pullback = vjp(lambda p: functional_call(self.dynamics, p, (0, None, self.ctx)),
+                              primals)
+            (g,) = pullback(lam)
+            lam_prev = None
+        else:
+            _, pullback = vjp(lambda x, p: functional_call(self.dynamics, p, (t, x, self.ctx)),
+                              x_prev.detach(), primals)
+            lam_prev, g = pullback(lam)
+        for n, v in g.items():
+            self.grads[n] = v if n not in self.grads else self.grads[n] + v
+        return lam_prev
+
+    def result(self) -> CostateResult:
+        grads = {n: self.grads[n] for n in self.params}
+        return CostateResult(
+            loss=self.value,
+            grads=grads,
+            states=self.states if self.keep else None,
+            multipliers=self.multipliers if self.keep else None,
+        )
+
+
+class AdjointSweep(_Solver):
+    """The explicit costate recursion of Algorithm 3.
+
+    Forward: ``x_0..x_T`` without any autograd graph, stored. Backward: for ``t = T..0``,
+    re-evaluate phase ``t`` inside ``torch.func.vjp`` (over ``functional_call``) and pull
+    ``λ_t`` back to ``λ_{t-1}`` and ``G_t = (∂_θ F_t)* λ_t``.
+
+    Memory: the T+1 states plus one phase's activations (autograd keeps all T phases').
+    Time: each phase is evaluated twice (once forward, once inside its VJP), so about one
+    extra forward pass over plain back-propagation. ``keep=True`` also returns the
+    multipliers ``λ_0..λ_T``.
+    """
+
+    def __init__(self, keep: bool = False):
+        self.keep = keep
+
+    def solve(self, dynamics: Dynamics, ctx: Any, loss: Loss) -> CostateResult:
+        sweep = _Sweep(dynamics, ctx, loss, self.keep)
+        states = [sweep.advance(0, None)]
+        for t in range(1, sweep.T):
+            states.append(sweep.advance(t, states[-1]))
+        x_T, lam = sweep.terminal(states[-1])
+        for t in range(sweep.T, 0, -1):
+            lam = sweep.vjp(t, states[t - 1], lam)
+        sweep.vjp(0, None, lam)
+        result = sweep.result()
+        result.states = [*states, x_T]  # stored anyway
+        return result
+
+
+def _split(n: int, s: int) -> int:
+    """Length of the left part when reversing ``n`` phases with ``s`` free checkpoints.
+
+    Binomial (revolve) schedule: with ``s`` checkpoints and ``r`` recomputations of each phase
+    at most ``β(s, r) = C(s + r, s)`` phases can be reversed, and ``β(s, r) = β(s − 1, r) +
+    β(s, r − 1)``; storing the next checkpoint so that the right part has ``β(s − 1, r)``
+    phases keeps the repetition count ``r`` minimal.
+    """
+    r = 1
+    while comb(s + r, s) < n:
+        r += 1
+    return max(1, n - comb(s - 1 + r, s - 1))
+
+
+class CheckpointedSweep(_Solver):
+    """Costate sweep that keeps at most ``checkpoints = k`` states (binomial checkpointing).
+
+    The states between stored checkpoints are recomputed from the nearest stored one with the
+    binomial schedule of Griewank and Walther ("revolve"): phases are reversed right to left
+    and the checkpoint positions chosen so that no phase is re-evaluated more than ``r``
+    times, ``r`` the least integer with ``C(k − 1 + r, r) ≥ T``.
+
+    Memory: ``k`` states plus one phase's activations, whatever ``T``. Time: at most
+    ``(r + 1)·T`` phase evaluations plus the ``T`` VJPs; ``k = T + 1`` costs what
+    ``AdjointSweep`` costs, ``k = 1`` re-evaluates from ``x_0`` every time (``O(T²)``),
+    ``k ≈ log T`` balances the two. ``keep=True`` also returns all states and multipliers
+    (which defeats the memory saving; for tests and diagnostics).
+    """
+
+    def __init__(self, checkpoints: int = 4, keep: bool = False):
+        if isinstance(checkpoints, bool) or not isinstance(checkpoints, int) or checkpoints < 1:
+            raise ValueError(f"CheckpointedSweep: checkpoints must be an integer >= 1, "
+                             f"got {checkpoints!r}")
+        self.checkpoints, self.keep = checkpoints, keep
+
+    def solve(self, dynamics: Dynamics, ctx: Any, loss: Loss) -> CostateResult:
+        sweep = _Sweep(dynamics, ctx, loss, self.keep)
+        x0 = sweep.advance(0, None)
+        lam0 = self._reverse(sweep, 0, x0, sweep.T, None, self.checkpoints - 1)
+        sweep.vjp(0, None, lam0)
+        return sweep.result()
+
+    def _reverse(self, sweep: _Sweep, a: int, x_a: Tensor, b: int, lam_b: Tensor | None,
+                 free: int) -> Tensor:
+        """Pull ``λ_b`` back to ``λ_a`` over phases ``a+1..b`` given the stored ``x_a``.
+
+        ``lam_b is None`` means ``b = T`` and ``λ_T`` is still to be computed from ``x_T``.
+        """
+        n = b - a
+        if n > 1 and free > 0:
+            m = a + _split(n, free)
+            x_m = x_a
+            for t in range(a + 1, m + 1):
+                x_m = sweep.advance(t, x_m)
+            lam_m = self._reverse(sweep, m, x_m, b, lam_b, free - 1)
+            del x_m
+            return self._reverse(sweep, a, x_a, m, lam_m, free)
+        lam = lam_b
+        for j in range(b, a, -1):  # no free slot: recompute x_{j-1} from x_a each time
+            x_prev = x_a
+            for t in range(a + 1, j):
+                x_prev = sweep.advance(t, x_prev)
+            if lam is None:
+                _, lam = sweep.terminal(x_prev)
+            lam = sweep.vjp(j, x_prev, lam)
+        return lam

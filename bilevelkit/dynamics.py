@@ -1,0 +1,87 @@
+"""The control system: an unrolled network as discrete-time dynamics.
+
+    x_0 = F_0(f; θ_0),    x_t = F_t(x_{t-1}; θ_t)  for t = 1..T
+
+A subclass says what ``F_0`` (:meth:`Dynamics.initial`) and ``F_t`` (:meth:`Dynamics.step`)
+are; the costate solvers in :mod:`bilevelkit.costate` turn it into gradients.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class Dynamics(nn.Module):
+    """Base class for a control system ``x_t = F_t(x_{t-1}; θ_t)`` of horizon ``T``.
+
+    Subclasses set ``self.horizon`` (``T ≥ 1``) and implement :meth:`initial` and
+    :meth:`step`. The controls ``θ`` are ordinary module parameters: one set per phase (an
+    ``nn.ModuleList`` indexed by ``t``), shared by every phase, or both. States are tensors,
+    real or complex, and keep one shape and dtype along the trajectory. ``ctx`` carries
+    whatever the phases read but do not optimise (measurements ``f``, operators, ...).
+
+    ``forward(t, x, ctx)`` is the phase map ``F_t`` itself (``F_0`` ignores ``x``); the
+    solvers call it through ``torch.func.functional_call``, so subclasses leave it alone.
+    """
+
+    horizon: int
+
+    def initial(self, ctx: Any) -> Tensor:
+        """``x_0 = F_0(f; θ_0)``: the initial state from the context."""
+        raise NotImplementedError(f"{type(self).__name__} must implement initial(ctx)")
+
+    def step(self, t: int, x: Tensor, ctx: Any) -> Tensor:
+        """``x_t = F_t(x_{t-1}; θ_t)`` for ``t = 1..T``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement step(t, x, ctx)")
+
+    def forward(self, t: int, x: Tensor | None, ctx: Any) -> Tensor:
+        return self.initial(ctx) if t == 0 else self.step(t, x, ctx)
+
+    def rollout(self, ctx: Any) -> list[Tensor]:
+        """The feasible trajectory ``[x_0, ..., x_T]`` (differentiable, with checks)."""
+        T = check_horizon(self)
+        states = [check_state(self.initial(ctx), None, 0)]
+        for t in range(1, T + 1):
+            states.append(check_state(self.step(t, states[-1], ctx), states[-1], t))
+        return states
+
+
+def check_horizon(dynamics: Dynamics) -> int:
+    """Return ``dynamics.horizon`` after checking it is an integer ``T ≥ 1``."""
+    T = getattr(dynamics, "horizon", None)
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(
+            f"{type(dynamics).__name__}.horizon must be an integer >= 1 (the number of "
+            f"phases T), got {T!r}"
+        )
+    return T
+
+
+def check_state(x: Any, previous: Tensor | None, t: int) -> Tensor:
+    """Check that phase ``t`` returned a tensor of the previous state's shape and dtype."""
+    where = "initial(ctx)" if t == 0 else f"step(t={t}, ...)"
+    if not isinstance(x, Tensor):
+        raise ValueError(f"phase {t}: {where} must return a torch.Tensor, got {type(x).__name__}")
+    if not (x.is_floating_point() or x.is_complex()):
+        raise ValueError(f"phase {t}: {where} returned dtype {x.dtype}; states must be real "
+                         "floating point or complex")
+    if previous is not None and (x.shape != previous.shape or x.dtype != previous.dtype):
+        raise ValueError(
+            f"phase {t}: {where} changed the state from {tuple(previous.shape)} {previous.dtype} "
+            f"to {tuple(x.shape)} {x.dtype}; every phase must keep the state's shape and dtype"
+        )
+    return x
+
+
+def check_loss(value: Any) -> Tensor:
+    """Check that the terminal loss ``ℓ(x_T)`` is a real scalar tensor."""
+    if not isinstance(value, Tensor):
+        raise ValueError(f"loss(x_T) must return a scalar torch.Tensor, got {type(value).__name__}")
+    if value.numel() != 1 or value.dim() > 1:
+        raise ValueError(f"loss(x_T) must return a scalar, got shape {tuple(value.shape)}; "
+                         "reduce it (e.g. .mean()) before returning")
+    if value.is_complex() or not value.is_floating_point():
+        raise ValueError(f"loss(x_T) must be a real floating-point scalar, got dtype {value.dtype}")
+    return value.reshape(())
