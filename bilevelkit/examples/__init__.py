@@ -1,0 +1,1 @@
+"""Worked examples of bilevelkit outside MRI."""
