@@ -1,1 +1,470 @@
-"""(in progress)"""
+"""Hypergradient strategies for the upper level of the bilevel model (MATH.md §2–§3).
+
+Functional interface: ``params`` is a dict name → tensor (θ), ``omega`` the scores ω,
+``weights = normalizer(omega)`` = σ(ω) on the simplex (column-wise for a matrix),
+``inner_loss(params, weights)`` the weighted training loss Σ_i σ_i ℓ(θ; D^tr_i) and
+``outer_loss(params)`` the validation loss. A strategy is called as
+
+    res = method(inner_loss, outer_loss, params, omega, normalizer=normalizers.softmax)
+
+and returns a :class:`HypergradResult`. Everything that needs a gradient (θ, ω) is passed in;
+an ``inner_loss`` whose graph does not reach its ``weights`` argument (e.g. weights captured
+from an enclosing scope) is an error, not a silent zero.
+
+The lower-level update is a pure function, reusable outside the strategies:
+``InnerOptimizer.update(params, state, grads, lr) -> (params, state)`` and
+``inner_step(inner_loss, params, state, weights, lr, optimizer)`` which adds the gradient.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from . import normalizers
+
+Params = dict[str, Tensor]
+InnerLoss = Callable[[Params, Tensor], Tensor]
+OuterLoss = Callable[[Params], Tensor]
+
+__all__ = [
+    "HypergradResult",
+    "OptState",
+    "InnerOptimizer",
+    "inner_step",
+    "Unrolled",
+    "FirstOrder",
+    "Implicit",
+]
+
+
+@dataclass(frozen=True)
+class HypergradResult:
+    """What a strategy returns.
+
+    params:     lower-level parameters at which ``outer_loss`` was evaluated (detached).
+    hypergrad:  d outer_loss / d ω under the strategy's approximation, shape of ω.
+    weights:    σ(ω) (detached).
+    outer_loss: outer_loss(params).
+    residual:   ``Implicit`` only: relative residual ‖∇ℓ^val − (H + δI) v‖ / ‖∇ℓ^val‖ of the
+                linear solve; None for the other strategies.
+    """
+
+    params: Params
+    hypergrad: Tensor
+    weights: Tensor
+    outer_loss: float
+    residual: float | None = None
+
+
+@dataclass(frozen=True)
+class OptState:
+    """State of the lower-level optimizer after ``step`` updates.
+
+    first:  momentum buffer (``"momentum"``) or first moment (``"adam"``); empty for ``"sgd"``.
+    second: second moment (``"adam"``); empty otherwise.
+    """
+
+    step: int
+    first: Params
+    second: Params
+
+
+@dataclass(frozen=True)
+class InnerOptimizer:
+    """Differentiable lower-level update, equal step by step to ``torch.optim``.
+
+    - ``"sgd"``:      θ ← θ − a g.
+    - ``"momentum"``: b ← μ b + g, θ ← θ − a b  (``torch.optim.SGD(momentum=μ)``, no dampening,
+      no Nesterov; b starts at 0, so the first buffer is g as in torch).
+    - ``"adam"``:     m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g²,
+      θ ← θ − (a / (1−β₁ᵗ)) m / (√v / √(1−β₂ᵗ) + ε)  (``torch.optim.Adam`` defaults: bias
+      correction, ε outside the square root). √v is given a zero derivative where v = 0 instead
+      of ∞ (for β₂ > 0, v = 0 means every gradient so far was 0, so m = 0 and the derivative of
+      the step is still exact), which keeps hypergradients finite for unused parameters.
+
+    Written out-of-place with ordinary tensor operations, so autograd can differentiate the
+    new parameters with respect to the old ones, the gradient and the learning rate.
+    """
+
+    name: Literal["sgd", "momentum", "adam"] = "sgd"
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.name not in ("sgd", "momentum", "adam"):
+            raise ValueError(f"optimizer must be 'sgd', 'momentum' or 'adam', got {self.name!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+
+    def init(self, params: Mapping[str, Tensor]) -> OptState:
+        """The state before the first update: zero buffers shaped like ``params``."""
+        zeros = {k: torch.zeros_like(v) for k, v in params.items()}
+        return OptState(
+            step=0,
+            first=zeros if self.name != "sgd" else {},
+            second=dict(zeros) if self.name == "adam" else {},
+        )
+
+    def update(
+        self, params: Mapping[str, Tensor], state: OptState, grads: Mapping[str, Tensor], lr: float | Tensor
+    ) -> tuple[Params, OptState]:
+        """One update (params, state, grads, lr) → (params, state); pure, out-of-place."""
+        step = state.step + 1
+        if self.name == "sgd":
+            return {k: p - lr * grads[k] for k, p in params.items()}, OptState(step, {}, {})
+        if self.name == "momentum":
+            buf = {k: self.momentum * state.first[k] + grads[k] for k in params}
+            return {k: p - lr * buf[k] for k, p in params.items()}, OptState(step, buf, {})
+        b1, b2 = self.betas
+        m = {k: b1 * state.first[k] + (1 - b1) * grads[k] for k in params}
+        v = {k: b2 * state.second[k] + (1 - b2) * grads[k] * grads[k] for k in params}
+        step_size = lr / (1 - b1**step)
+        root_c2 = math.sqrt(1 - b2**step)
+        new = {k: p - step_size * m[k] / (_sqrt(v[k]) / root_c2 + self.eps) for k, p in params.items()}
+        return new, OptState(step, m, v)
+
+
+def inner_step(
+    inner_loss: InnerLoss,
+    params: Mapping[str, Tensor],
+    state: OptState,
+    weights: Tensor,
+    lr: float | Tensor,
+    optimizer: InnerOptimizer = InnerOptimizer(),
+    create_graph: bool = False,
+    check_weights: bool = False,
+) -> tuple[Params, OptState]:
+    """θ⁺ = update(θ, s, ∇_θ inner_loss(θ, w), a): one lower-level step.
+
+    ``params`` must require grad. With ``create_graph=True`` the step stays differentiable
+    with respect to θ, w and a (for reverse mode through the inner loop). ``check_weights``
+    raises ValueError if the graph of ``inner_loss`` does not reach ``weights``; it
+    back-propagates along every path to ``weights``, so do it once, at the first step.
+    """
+    where = f"at inner step {state.step}"
+    grads = _gradient(inner_loss, params, weights, create_graph, where, check_weights)
+    return optimizer.update(params, state, grads, lr)
+
+
+@dataclass(frozen=True)
+class Unrolled:
+    """Reverse mode through k differentiable inner steps (truncated back-propagation).
+
+    θ⁰ = params (a constant), θ^{s+1} = update(θ^s, ∇_θ inner_loss(θ^s, σ(ω)), a), and the
+    hypergradient is d ℓ^val(θ^k) / dω by autograd through all k steps (the adjoint recursion
+    of MATH.md §3; with momentum/Adam the optimizer state is part of the state).
+
+    Cost: time ≈ k gradient evaluations with ``create_graph`` plus one backward through them
+    (k Hessian-vector products, no Hessian is formed), a few times k plain steps; memory O(k):
+    the graphs of all k steps (gradients included) are kept until the end. Exact for the
+    k-step map, whatever k; prefer it for small k or when the lower level is far from
+    converged. Maclaurin et al. 2015; Franceschi et al. 2017; Shaban et al. 2019.
+    """
+
+    steps: int
+    lr: float
+    optimizer: Literal["sgd", "momentum", "adam"] = "sgd"
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check_steps_lr(self.steps, self.lr, min_steps=1)
+        self.inner_optimizer  # validates the optimizer settings
+
+    @property
+    def inner_optimizer(self) -> InnerOptimizer:
+        return InnerOptimizer(self.optimizer, self.momentum, self.betas, self.eps)
+
+    @torch.enable_grad()
+    def __call__(
+        self,
+        inner_loss: InnerLoss,
+        outer_loss: OuterLoss,
+        params: Mapping[str, Tensor],
+        omega: Tensor,
+        normalizer: str | normalizers.Normalizer = normalizers.softmax,
+    ) -> HypergradResult:
+        theta, omega, weights = _prepare(params, omega, normalizer)
+        opt = self.inner_optimizer
+        state = opt.init(theta)
+        for s in range(self.steps):
+            theta, state = inner_step(inner_loss, theta, state, weights, self.lr, opt,
+                                      create_graph=True, check_weights=s == 0)
+        outer = _scalar(outer_loss(theta), "outer_loss", f"after {self.steps} inner steps")
+        (hypergrad,) = _or_zeros(_grad([outer], [omega]), [omega])
+        return _result(theta, hypergrad, weights, outer)
+
+
+@dataclass(frozen=True)
+class FirstOrder:
+    """One-step look-ahead without second-order terms (learning to reweight).
+
+    k detached SGD steps give θ; then θ' = θ − a ∇_θ inner_loss(θ, σ(ω)) with θ a constant,
+    and the hypergradient is d ℓ^val(θ') / dω = −a J_σᵀ [⟨g_i(θ), ∇ℓ^val(θ')⟩]_i: the Hessian
+    term of the adjoint recursion is dropped. The returned ``params`` are θ' (k + 1 SGD steps
+    in all) and ``outer_loss`` is ℓ^val(θ').
+
+    Cost: time k + 1 gradient evaluations plus one backward through the last one (≈ one
+    Hessian-vector product); memory: the graph of a single step, independent of k. Cheapest
+    strategy; biased when the lower-level curvature matters. Ren et al. 2018.
+    """
+
+    steps: int
+    lr: float
+
+    def __post_init__(self) -> None:
+        _check_steps_lr(self.steps, self.lr, min_steps=0)
+
+    @torch.enable_grad()
+    def __call__(
+        self,
+        inner_loss: InnerLoss,
+        outer_loss: OuterLoss,
+        params: Mapping[str, Tensor],
+        omega: Tensor,
+        normalizer: str | normalizers.Normalizer = normalizers.softmax,
+    ) -> HypergradResult:
+        theta, omega, weights = _prepare(params, omega, normalizer)
+        theta, state = _descend(inner_loss, theta, weights.detach(), self.steps, self.lr)
+        theta, _ = inner_step(inner_loss, _leaves(theta), state, weights, self.lr,
+                              create_graph=True, check_weights=True)
+        outer = _scalar(outer_loss(theta), "outer_loss", "after the look-ahead step")
+        (hypergrad,) = _or_zeros(_grad([outer], [omega]), [omega])
+        return _result(theta, hypergrad, weights, outer)
+
+
+@dataclass(frozen=True)
+class Implicit:
+    """Implicit function theorem at the lower-level optimum.
+
+    k detached SGD steps give θ* (or pass a trained θ* with ``steps=0``). With
+    H = ∇²_θ inner_loss(θ*, σ(ω)) + δI (δ = ``damping``), v solves H v = ∇ℓ^val(θ*), and the
+    hypergradient is −∂_ω ⟨∇_θ inner_loss(θ*, σ(ω)), v⟩ = −J_σᵀ [⟨g_i(θ*), v⟩]_i.
+    ``solver="cg"``: conjugate gradients, at most ``iters`` Hessian-vector products, stopping
+    at relative residual ``tol`` (needs H positive definite along the iterates).
+    ``solver="neumann"``: v = a Σ_{j<m} (I − aH)^j ∇ℓ^val with m = ``iters`` and a = ``lr``
+    (converges when 0 < a < 2/λ_max(H) and H is positive definite).
+
+    Cost: time k gradient evaluations + ``iters`` Hessian-vector products (double backward)
+    + one mixed backward; memory: the graph of one gradient evaluation, independent of k and
+    ``iters``. Exact when θ* is a stationary point and the solve has converged (see
+    ``HypergradResult.residual``). Pedregosa 2016; Rajeswaran et al. 2019; Lorraine et al. 2020.
+    """
+
+    steps: int
+    lr: float
+    solver: Literal["cg", "neumann"] = "cg"
+    iters: int = 20
+    damping: float = 0.0
+    tol: float = 1e-10
+
+    def __post_init__(self) -> None:
+        _check_steps_lr(self.steps, self.lr, min_steps=0)
+        if self.solver not in ("cg", "neumann"):
+            raise ValueError(f"solver must be 'cg' or 'neumann', got {self.solver!r}")
+        if not (isinstance(self.iters, int) and self.iters >= 1):
+            raise ValueError(f"iters must be an integer >= 1, got {self.iters!r}")
+        if not self.damping >= 0:
+            raise ValueError(f"damping must be >= 0, got {self.damping}")
+        if not self.tol >= 0:
+            raise ValueError(f"tol must be >= 0, got {self.tol}")
+
+    @torch.enable_grad()
+    def __call__(
+        self,
+        inner_loss: InnerLoss,
+        outer_loss: OuterLoss,
+        params: Mapping[str, Tensor],
+        omega: Tensor,
+        normalizer: str | normalizers.Normalizer = normalizers.softmax,
+    ) -> HypergradResult:
+        theta, omega, weights = _prepare(params, omega, normalizer)
+        theta, _ = _descend(inner_loss, theta, weights.detach(), self.steps, self.lr)
+        theta = _leaves(theta)
+        xs = list(theta.values())
+        where = f"at θ* (after {self.steps} inner steps)"
+        grads = list(_gradient(inner_loss, theta, weights, True, where, check=True).values())
+        outer = _scalar(outer_loss(theta), "outer_loss", where)
+        b = _or_zeros(_grad([outer], xs), xs)
+
+        def hvp(u: list[Tensor]) -> list[Tensor]:
+            hu = _or_zeros(_grad(grads, xs, u, retain_graph=True), xs)
+            return [h + self.damping * ui for h, ui in zip(hu, u)]
+
+        if self.solver == "cg":
+            v, residual = _cg(hvp, b, self.iters, self.tol)
+        else:
+            v, residual = _neumann(hvp, b, self.iters, self.lr)
+        (mixed,) = _or_zeros(_grad(grads, [omega], v), [omega])
+        return _result(theta, -mixed, weights, outer, residual)
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _check_steps_lr(steps: int, lr: float, min_steps: int) -> None:
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= min_steps):
+        raise ValueError(f"steps must be an integer >= {min_steps}, got {steps!r}")
+    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+
+
+def _prepare(
+    params: Mapping[str, Tensor], omega: Tensor, normalizer: str | normalizers.Normalizer
+) -> tuple[Params, Tensor, Tensor]:
+    """Validate the inputs; return θ and ω as fresh leaves, and w = σ(ω)."""
+    if not isinstance(params, Mapping) or not params:
+        raise ValueError(f"params must be a non-empty dict name -> tensor, got {type(params).__name__}")
+    for k, v in params.items():
+        if not (isinstance(k, str) and isinstance(v, Tensor) and v.is_floating_point()):
+            raise ValueError(
+                f"params[{k!r}] must be a real floating tensor under a str name, got {_describe(v)}"
+            )
+    if not (isinstance(omega, Tensor) and omega.is_floating_point()):
+        raise ValueError(f"omega must be a real floating tensor, got {_describe(omega)}")
+    omega = omega.detach().requires_grad_()
+    weights = normalizers.get(normalizer)(omega)
+    if not (isinstance(weights, Tensor) and weights.requires_grad):
+        raise ValueError("the normalizer's output does not depend differentiably on omega")
+    return _leaves(params), omega, weights
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, Tensor):
+        return f"a tensor of dtype {x.dtype} and shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def _leaves(params: Mapping[str, Tensor]) -> Params:
+    return {k: v.detach().requires_grad_() for k, v in params.items()}
+
+
+def _scalar(value: object, name: str, where: str) -> Tensor:
+    """Check that a loss is a finite one-element tensor."""
+    if not (isinstance(value, Tensor) and value.numel() == 1):
+        raise ValueError(f"{name} must return a one-element tensor, got {_describe(value)}")
+    if not bool(torch.isfinite(value.detach()).all()):
+        raise FloatingPointError(f"{name} is {value.item()} {where}")
+    return value.reshape(())
+
+
+def _grad(
+    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    cotangents: Sequence[Tensor] | None = None,
+    create_graph: bool = False,
+    retain_graph: bool | None = None,
+) -> list[Tensor | None]:
+    """Σ_j cotangent_jᵀ ∂output_j/∂input for each input; None where no graph path exists."""
+    cotangents = [None] * len(outputs) if cotangents is None else cotangents
+    keep = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
+    if not keep:
+        return [None] * len(inputs)
+    return list(torch.autograd.grad(
+        [o for o, _ in keep], list(inputs), [c for _, c in keep],
+        create_graph=create_graph, retain_graph=retain_graph, allow_unused=True,
+    ))
+
+
+def _or_zeros(grads: list[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like)]
+
+
+def _gradient(
+    inner_loss: InnerLoss, params: Params, weights: Tensor, create_graph: bool, where: str, check: bool
+) -> Params:
+    """∇_θ inner_loss(θ, w); with ``check``, also that the graph of the loss reaches w."""
+    loss = _scalar(inner_loss(params, weights), "inner_loss", where)
+    xs = list(params.values())
+    grads = _grad([loss], xs + [weights] if check else xs, create_graph=create_graph)
+    if check and grads[-1] is None:
+        raise ValueError(
+            "omega does not influence inner_loss: the autograd graph of inner_loss(params, weights) does not "
+            "reach its `weights` argument. Use the weights passed in (weights captured from an enclosing "
+            "scope or detached get no gradient); the hypergradient would silently be zero."
+        )
+    return dict(zip(params, _or_zeros(grads[: len(xs)], xs)))
+
+
+def _descend(
+    inner_loss: InnerLoss, params: Params, weights: Tensor, steps: int, lr: float
+) -> tuple[Params, OptState]:
+    """``steps`` SGD steps with no graph kept between them (``weights`` detached)."""
+    sgd = InnerOptimizer()
+    state = sgd.init(params)
+    for _ in range(steps):
+        params, state = inner_step(inner_loss, _leaves(params), state, weights, lr, sgd)
+    return {k: v.detach() for k, v in params.items()}, state
+
+
+def _sqrt(v: Tensor) -> Tensor:
+    """√v with derivative 0 (instead of ∞) where v = 0."""
+    positive = v > 0
+    return torch.where(positive, torch.where(positive, v, 1).sqrt(), 0)
+
+
+def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    return sum((x * y).sum() for x, y in zip(a, b))
+
+
+def _cg(
+    hvp: Callable[[list[Tensor]], list[Tensor]], b: list[Tensor], iters: int, tol: float
+) -> tuple[list[Tensor], float]:
+    """Conjugate gradients for H v = b from v = 0; returns v and ‖b − Hv‖/‖b‖ (recursive)."""
+    v = [torch.zeros_like(x) for x in b]
+    r, p = list(b), list(b)
+    rr = _dot(r, r)
+    norm_b = float(rr) ** 0.5
+    for _ in range(iters):
+        if float(rr) ** 0.5 <= tol * norm_b:
+            break
+        hp = hvp(p)
+        curvature = _dot(p, hp)
+        if not float(curvature) > 0:
+            raise ValueError(
+                f"CG met non-positive curvature pᵀHp = {float(curvature):.3g}: the inner Hessian is not "
+                "positive definite at θ*; add damping, run more inner steps, or use solver='neumann'"
+            )
+        alpha = rr / curvature
+        v = [x + alpha * y for x, y in zip(v, p)]
+        r = [x - alpha * y for x, y in zip(r, hp)]
+        rr, rr_old = _dot(r, r), rr
+        p = [x + (rr / rr_old) * y for x, y in zip(r, p)]
+    return v, (float(rr) ** 0.5 / norm_b if norm_b > 0 else 0.0)
+
+
+def _neumann(
+    hvp: Callable[[list[Tensor]], list[Tensor]], b: list[Tensor], iters: int, lr: float
+) -> tuple[list[Tensor], float]:
+    """v = a Σ_{j<m} (I − aH)^j b; the last term (I − aH)^m b is the residual b − Hv."""
+    v = [torch.zeros_like(x) for x in b]
+    p = list(b)
+    norm_b = float(_dot(b, b)) ** 0.5
+    for _ in range(iters):
+        v = [x + lr * y for x, y in zip(v, p)]
+        p = [x - lr * y for x, y in zip(p, hvp(p))]
+    return v, (float(_dot(p, p)) ** 0.5 / norm_b if norm_b > 0 else 0.0)
+
+
+def _result(
+    params: Params, hypergrad: Tensor, weights: Tensor, outer: Tensor, residual: float | None = None
+) -> HypergradResult:
+    if not bool(torch.isfinite(hypergrad).all()):
+        raise FloatingPointError("the hypergradient is not finite")
+    return HypergradResult(
+        params={k: v.detach() for k, v in params.items()},
+        hypergrad=hypergrad.detach(),
+        weights=weights.detach(),
+        outer_loss=float(outer.detach()),
+        residual=residual,
+    )

@@ -1,1 +1,371 @@
-"""(in progress)"""
+"""The two training loops: Algorithm 3 (MLM) and Algorithm 1 (bilevel meta-learning).
+
+``MLMTrainer`` trains one dynamics by forward states, backward multipliers (any costate
+solver) and an Adam step on θ. ``BilevelTrainer`` trains M task models on N weighted training
+groups and learns the weight matrix ``W = σ(Ω)`` (``Ω ∈ R^{N×M}``, normalized column by column)
+from the validation losses of the M tasks.
+
+Data are plain indexable datasets (``len`` and ``__getitem__``, e.g. a ``TensorDataset`` or an
+MRI ``SliceDataset``); minibatch indices come from the trainer's own seeded generator, so a
+run restored with ``load_state_dict`` continues exactly as if never interrupted. Under
+``torch.distributed`` each rank takes its share of every global minibatch and gradients and
+hypergradients are averaged across ranks.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils.data import default_collate
+
+from . import hypergrad as hg
+from . import normalizers
+from .costate import AdjointSweep
+from .dynamics import Dynamics
+
+__all__ = ["TerminalLoss", "NonFiniteError", "MLMTrainer", "BilevelTrainer"]
+
+Callback = Callable[[Any, dict], None]
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or (hyper)gradient was NaN or infinite; the step was not applied."""
+
+
+@dataclass
+class TerminalLoss:
+    """A loss of a :class:`Dynamics` on a batch: ``ℓ(x_T, batch)`` with ``ctx = context(batch)``.
+
+    Callable as ``loss(model, batch)`` (plain rollout, for hypergradients and evaluation);
+    the trainers use ``context`` and ``terminal`` to run a costate solver instead.
+    """
+
+    context: Callable[[Any], Any]
+    terminal: Callable[[Tensor, Any], Tensor]
+
+    def __call__(self, model: Dynamics, batch: Any) -> Tensor:
+        return self.terminal(model.rollout(self.context(batch))[-1], batch)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _average(tensors: Sequence[Tensor]) -> None:
+    """Average tensors across ranks in place (no-op without torch.distributed)."""
+    rank, world = _world()
+    if world > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+            t.div_(world)
+
+
+def _finite_or_raise(value: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise NonFiniteError(f"{what} is not finite ({value.detach().flatten()[:4].tolist()}...); "
+                             "the step was not applied and the last good state is kept")
+
+
+def _backward(model: nn.Module, loss: Callable, batch: Any, scale: float | Tensor,
+              costate: Any) -> Tensor:
+    """Accumulate ``scale · ∇_θ loss(model, batch)`` into ``.grad``; return the loss value."""
+    if costate is not None and isinstance(loss, TerminalLoss):
+        return costate.backward(model, loss.context(batch), lambda x: scale * loss.terminal(x, batch)) / scale
+    value = loss(model, batch)
+    (scale * value).backward()
+    return value.detach()
+
+
+class _Sampler:
+    """Seeded minibatches from indexable datasets; each rank takes its slice of the batch."""
+
+    def __init__(self, seed: int, collate: Callable):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.collate = collate
+
+    def batch(self, dataset: Any, size: int | None) -> Any:
+        n = len(dataset)
+        if size is None or size >= n:
+            idx = torch.arange(n)
+        else:
+            idx = torch.randperm(n, generator=self.generator)[:size]
+        rank, world = _world()
+        return self.collate([dataset[int(i)] for i in idx[rank::world]])
+
+
+class MLMTrainer:
+    """Algorithm 3: forward states, backward multipliers, an optimizer step on θ.
+
+    ``loss`` is a :class:`TerminalLoss` (or any ``loss(model, batch)``, then trained by plain
+    autograd); ``costate`` any solver (default :class:`AdjointSweep`); the optimizer Adam with
+    learning rate ``lr`` unless one is given. Every solver gives the same trajectory.
+    """
+
+    def __init__(self, dynamics: Dynamics, loss: TerminalLoss | Callable, *, costate: Any = None,
+                 lr: float = 1e-3, optimizer: torch.optim.Optimizer | None = None,
+                 callbacks: Sequence[Callback] = ()):
+        self.dynamics, self.loss = dynamics, loss
+        self.costate = AdjointSweep() if costate is None else costate
+        self.optimizer = optimizer or torch.optim.Adam(dynamics.parameters(), lr=lr)
+        self.callbacks = list(callbacks)
+        self.epoch = 0
+        self.history: list[float] = []
+
+    def step(self, batch: Any) -> float:
+        """One iteration on ``batch``; returns its loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        value = _backward(self.dynamics, self.loss, batch, 1.0, self.costate)
+        grads = [p.grad for p in self.dynamics.parameters() if p.grad is not None]
+        _average([value, *grads])
+        try:
+            _finite_or_raise(value, f"epoch {self.epoch}, step {len(self.history)}: loss")
+            for (name, p) in self.dynamics.named_parameters():
+                if p.grad is not None:
+                    _finite_or_raise(p.grad, f"epoch {self.epoch}: gradient of {name!r}")
+        except NonFiniteError:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        self.optimizer.step()
+        self.history.append(float(value))
+        return float(value)
+
+    def fit(self, batches: Callable[[int], Any] | Sequence[Any], epochs: int) -> list[float]:
+        """Run until ``epochs``; ``batches`` is a sequence of batches or ``epoch -> iterable``."""
+        while self.epoch < epochs:
+            losses = [self.step(b) for b in (batches(self.epoch) if callable(batches) else batches)]
+            logs = {"epoch": self.epoch, "loss": sum(losses) / max(len(losses), 1)}
+            self.epoch += 1
+            for cb in self.callbacks:
+                cb(self, logs)
+        return self.history
+
+    def state_dict(self) -> dict:
+        return {"model": self.dynamics.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "epoch": self.epoch, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dynamics.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.history = state["epoch"], list(state["history"])
+
+
+class _Bound(nn.Module):
+    """``forward(batch) = loss(model, batch)``, so ``functional_call`` can swap θ."""
+
+    def __init__(self, model: nn.Module, loss: Callable):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.loss(self.model, batch)
+
+
+class BilevelTrainer:
+    """Algorithm 1: lower-level training of M task models, upper-level steps on Ω.
+
+    N training groups ``train_groups`` and M validation tasks ``val_tasks`` (indexable
+    datasets). Task ``j`` has its own copy of ``model``; sub-modules named in ``shared`` (e.g.
+    ``("initial_net",)``) are one object for all tasks. ``Ω`` is ``(N, M)``, or ``(N,)`` when
+    ``M = 1``, initialised to 0 (uniform weights); ``W = σ(Ω)`` column by column.
+
+    One epoch: ``lower_steps`` times, draw a minibatch of every group and take one optimizer
+    step (Adam, ``lr``) on ``Σ_j Σ_i W_ij ℓ(θ^(j); B_i)`` (groups with ``W_ij = 0`` are not
+    evaluated); then ``upper_steps`` times, compute each column's hypergradient with
+    ``hypergrad`` (default ``Unrolled(steps=1, lr=inner_lr)``) on fresh minibatches and take an
+    Adam step (``meta_lr``) on Ω. ``mode="joint"`` keeps Ω = 0: uniform weights, the baseline.
+    ``costate`` (with a :class:`TerminalLoss`) trains the lower level by a costate solver.
+
+    A non-finite loss, gradient or hypergradient raises :class:`NonFiniteError` naming the
+    epoch and task before anything is updated.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: TerminalLoss | Callable[[nn.Module, Any], Tensor],
+        train_groups: Sequence[Any],
+        val_tasks: Sequence[Any],
+        *,
+        group_names: Sequence[str] | None = None,
+        task_names: Sequence[str] | None = None,
+        mode: str = "meta",
+        normalizer: str | Callable = "softmax",
+        hypergrad: Any = None,
+        inner_lr: float = 1e-2,
+        lower_steps: int = 1,
+        upper_steps: int = 1,
+        lr: float = 1e-3,
+        meta_lr: float = 0.1,
+        batch_size: int | None = 8,
+        val_batch_size: int | None = None,
+        shared: Sequence[str] = (),
+        costate: Any = None,
+        seed: int = 0,
+        collate: Callable = default_collate,
+        callbacks: Sequence[Callback] = (),
+    ):
+        if not train_groups or not val_tasks:
+            raise ValueError("BilevelTrainer needs at least one training group and one "
+                             f"validation task, got {len(train_groups)} and {len(val_tasks)}")
+        if mode not in ("meta", "joint"):
+            raise ValueError(f"mode must be 'meta' or 'joint', got {mode!r}")
+        for name, v in (("lower_steps", lower_steps), ("upper_steps", upper_steps)):
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        N, M = len(train_groups), len(val_tasks)
+        self.group_names = list(group_names or [f"group{i}" for i in range(N)])
+        self.task_names = list(task_names or [f"task{j}" for j in range(M)])
+        if len(self.group_names) != N or len(self.task_names) != M:
+            raise ValueError("group_names/task_names must name every group/task once")
+        self.loss, self.train_groups, self.val_tasks = loss, list(train_groups), list(val_tasks)
+        self.mode, self.normalizer = mode, normalizers.get(normalizer)
+        self.hypergrad = hypergrad or hg.Unrolled(steps=1, lr=inner_lr)
+        self.lower_steps, self.upper_steps = lower_steps, upper_steps
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.costate, self.callbacks = costate, list(callbacks)
+
+        self.models = nn.ModuleList(copy.deepcopy(model) for _ in range(M))
+        for name in shared:
+            try:
+                common = self.models[0].get_submodule(name)
+            except AttributeError as err:
+                raise ValueError(f"shared={name!r}: the model has no sub-module of that name") from err
+            for m in self.models[1:]:
+                m.set_submodule(name, common)
+        ref = next(iter(self.models[0].parameters()), torch.zeros(()))
+        dtype = ref.dtype if ref.is_floating_point() else torch.get_default_dtype()
+        self.omega = torch.zeros((N, M) if M > 1 else (N,), dtype=dtype, device=ref.device)
+        self.optimizer = torch.optim.Adam(self._unique_params(), lr=lr)
+        self.meta_optimizer = torch.optim.Adam([self.omega], lr=meta_lr)
+        self.sampler = _Sampler(seed, collate)
+        self.epoch = 0
+        self.history: list[dict] = []
+
+    def _unique_params(self) -> list[nn.Parameter]:
+        seen: dict[int, nn.Parameter] = {}
+        for m in self.models:
+            for p in m.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    @property
+    def weights(self) -> Tensor:
+        """``W = σ(Ω)`` (N×M, each column on the simplex; a vector when M = 1), detached."""
+        return self.normalizer(self.omega.detach(), dim=0)
+
+    def _column(self, j: int) -> tuple[Tensor, Tensor]:
+        omega = self.omega if self.omega.dim() == 1 else self.omega[:, j]
+        return omega, self.normalizer(omega.detach(), dim=0)
+
+    def lower_step(self) -> list[float]:
+        """One optimizer step on ``Σ_j Σ_i W_ij ℓ(θ^(j); B_i)``; returns each task's loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        batches = [self.sampler.batch(g, self.batch_size) for g in self.train_groups]
+        losses = []
+        for j, model in enumerate(self.models):
+            _, w = self._column(j)
+            total = torch.zeros((), device=w.device)
+            for i, batch in enumerate(batches):
+                if float(w[i]) > 0:
+                    total = total + w[i] * _backward(model, self.loss, batch, w[i], self.costate)
+            losses.append(total)
+        params = self._unique_params()
+        _average([*losses, *(p.grad for p in params if p.grad is not None)])
+        try:
+            for j, value in enumerate(losses):
+                _finite_or_raise(value, f"epoch {self.epoch}, task {self.task_names[j]!r}: "
+                                        "weighted training loss")
+            for p in params:
+                if p.grad is not None:
+                    _finite_or_raise(p.grad, f"epoch {self.epoch}: a lower-level gradient")
+        except NonFiniteError:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        self.optimizer.step()
+        return [float(v) for v in losses]
+
+    def upper_step(self) -> list[float]:
+        """One Adam step on Ω from every task's hypergradient; returns the validation losses."""
+        grad = torch.zeros_like(self.omega)
+        val_losses = []
+        for j, model in enumerate(self.models):
+            bound = _Bound(model, self.loss)
+            batches = [self.sampler.batch(g, self.batch_size) for g in self.train_groups]
+            val = self.sampler.batch(self.val_tasks[j], self.val_batch_size)
+
+            def inner_loss(params, weights, bound=bound, batches=batches):
+                terms = [weights[i] * functional_call(bound, params, (b,))
+                         for i, b in enumerate(batches) if float(weights[i].detach()) > 0]
+                return torch.stack(terms).sum()
+
+            def outer_loss(params, bound=bound, val=val):
+                return functional_call(bound, params, (val,))
+
+            params = {f"model.{n}": p.detach() for n, p in model.named_parameters()}
+            omega, _ = self._column(j)
+            try:
+                res = self.hypergrad(inner_loss, outer_loss, params, omega.detach(),
+                                     normalizer=self.normalizer)
+            except FloatingPointError as err:
+                raise NonFiniteError(f"epoch {self.epoch}, task {self.task_names[j]!r}: "
+                                     f"hypergradient failed: {err}; Ω was not updated") from err
+            if grad.dim() == 1:
+                grad.copy_(res.hypergrad)
+            else:
+                grad[:, j] = res.hypergrad
+            val_losses.append(torch.as_tensor(res.outer_loss, dtype=grad.dtype, device=grad.device))
+        _average([grad, *val_losses])
+        for j in range(len(self.models)):
+            column = grad if grad.dim() == 1 else grad[:, j]
+            _finite_or_raise(column, f"epoch {self.epoch}, task {self.task_names[j]!r}: hypergradient")
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        self.omega.grad = grad
+        self.meta_optimizer.step()
+        self.omega.grad = None
+        return [float(v) for v in val_losses]
+
+    def run_epoch(self) -> dict:
+        """Lower steps, then (in meta mode) upper steps; returns the epoch's logs."""
+        train = [self.lower_step() for _ in range(self.lower_steps)]
+        val = [self.upper_step() for _ in range(self.upper_steps)] if self.mode == "meta" else []
+        mean = lambda rows: [sum(c) / len(c) for c in zip(*rows)] if rows else []  # noqa: E731
+        logs = {"epoch": self.epoch, "train_loss": mean(train), "val_loss": mean(val),
+                "weights": self.weights.cpu().tolist()}
+        self.epoch += 1
+        self.history.append(logs)
+        for cb in self.callbacks:
+            cb(self, logs)
+        return logs
+
+    def fit(self, epochs: int) -> list[dict]:
+        """Run epochs until ``self.epoch == epochs`` (resumes where a restored state left off)."""
+        while self.epoch < epochs:
+            self.run_epoch()
+        return self.history
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume exactly: models, Ω, optimizers, sampler RNG, epoch."""
+        return {"models": self.models.state_dict(), "omega": self.omega.detach().clone(),
+                "optimizer": self.optimizer.state_dict(),
+                "meta_optimizer": self.meta_optimizer.state_dict(),
+                "sampler": self.sampler.generator.get_state(), "epoch": self.epoch,
+                "history": copy.deepcopy(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if tuple(state["omega"].shape) != tuple(self.omega.shape):
+            raise ValueError(f"checkpoint has Ω of shape {tuple(state['omega'].shape)}, this "
+                             f"trainer has {tuple(self.omega.shape)} (groups × tasks differ)")
+        self.models.load_state_dict(state["models"])
+        with torch.no_grad():
+            self.omega.copy_(state["omega"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.sampler.generator.set_state(state["sampler"])
+        self.epoch, self.history = state["epoch"], copy.deepcopy(state["history"])

@@ -32,3 +32,17 @@ def test_cli(capsys):
     with pytest.raises(SystemExit) as info:
         deconv.main(["--phases", "0"])
     assert info.value.code == 2
+
+
+def test_hyper_cleaning_cli(capsys):
+    from bilevelkit.examples import hyper_cleaning
+
+    trainer = hyper_cleaning.main(["--normalizer", "sparsemax", "--epochs", "80"])
+    out = capsys.readouterr().out
+    assert "learned W = sparsemax(Ω)" in out
+    W = trainer.weights
+    corrupted = [i for i, name in enumerate(trainer.group_names) if name.endswith("*")]
+    assert len(corrupted) == 3 and all(float(W[i]) == 0.0 for i in corrupted)
+    with pytest.raises(SystemExit) as info:
+        hyper_cleaning.main(["--corrupted", "9"])
+    assert info.value.code == 2

@@ -1,0 +1,196 @@
+"""Algorithm 1 and Algorithm 3 loops: exact resume, guards, and that Ω learns what it should."""
+import copy
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import bilevelkit as bk
+from bilevelkit.trainers import BilevelTrainer, MLMTrainer, NonFiniteError, TerminalLoss
+
+from .random_dynamics import RandomDynamics
+
+DT = torch.float64
+
+
+def regression_group(beta, n, g, corrupt=False):
+    X = torch.randn(n, beta.numel(), generator=g, dtype=DT)
+    y = X @ beta + 0.1 * torch.randn(n, generator=g, dtype=DT)
+    if corrupt:  # flipped, amplified, noisy targets
+        y = -2 * y + torch.randn(n, generator=g, dtype=DT)
+    return TensorDataset(X, y)
+
+
+def mse(model, batch):
+    X, y = batch
+    return ((model(X).squeeze(-1) - y) ** 2).mean()
+
+
+def linear(d=5):
+    torch.manual_seed(0)
+    return torch.nn.Linear(d, 1).to(DT)
+
+
+# --- MLMTrainer (Algorithm 3) ---------------------------------------------------------------
+
+def dynamics_problem(complex_states=True):
+    dyn = RandomDynamics(5, 3, complex_states, "both", "tanh", True, 7)
+    g = torch.Generator().manual_seed(1)
+    dtype = torch.complex128 if complex_states else DT
+    batches = [(torch.randn(4, 3, generator=g, dtype=dtype),
+                torch.randn(4, 3, generator=g, dtype=dtype)) for _ in range(3)]
+    loss = TerminalLoss(context=lambda b: {"f": b[0]},
+                        terminal=lambda x, b: ((x - b[1]).abs() ** 2).mean())
+    return dyn, batches, loss
+
+
+def test_mlm_trajectories_identical_for_every_solver():
+    runs = {}
+    for solver in (bk.AutogradCostate(), bk.AdjointSweep(), bk.CheckpointedSweep(1),
+                   bk.CheckpointedSweep(3)):
+        dyn, batches, loss = dynamics_problem()
+        trainer = MLMTrainer(dyn, loss, costate=solver, lr=1e-2)
+        trainer.fit(batches[:1], epochs=8)
+        runs[repr(solver)] = (trainer.history, torch.cat([p.detach().flatten() for p in dyn.parameters()]))
+    ref_hist, ref_params = runs.pop("AutogradCostate(keep=False)")
+    assert ref_hist[-1] < ref_hist[0]
+    for name, (hist, params) in runs.items():
+        assert hist == pytest.approx(ref_hist, rel=1e-12), name
+        torch.testing.assert_close(params, ref_params, rtol=1e-11, atol=1e-13)
+
+
+def test_mlm_guard_keeps_last_good_state():
+    dyn, batches, loss = dynamics_problem()
+    trainer = MLMTrainer(dyn, loss, lr=1e-2)
+    trainer.fit(batches[:1], epochs=1)
+    before = copy.deepcopy(trainer.state_dict())
+    bad = (batches[0][0], batches[0][1] * float("nan"))
+    with pytest.raises(NonFiniteError, match=r"epoch 1, step 1: loss is not finite"):
+        trainer.step(bad)
+    for k, v in trainer.dynamics.state_dict().items():
+        assert torch.equal(v, before["model"][k])
+    assert all(p.grad is None for p in dyn.parameters())
+
+
+# --- BilevelTrainer (Algorithm 1) -----------------------------------------------------------
+
+def cleaning_problem(N=6, corrupted=(1, 4), M=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    beta = torch.randn(5, generator=g, dtype=DT)
+    train = [regression_group(beta, 32, g, i in corrupted) for i in range(N)]
+    val = [regression_group(beta, 32, g) for _ in range(M)]
+    return train, val
+
+
+@pytest.mark.parametrize("normalizer", ["softmax", "sparsemax"])
+def test_hyper_cleaning_downweights_corrupted_groups(normalizer):
+    train, val = cleaning_problem(M=2)
+    trainer = BilevelTrainer(linear(), mse, train, val, normalizer=normalizer,
+                             hypergrad=bk.hypergrad.Unrolled(steps=3, lr=0.1), lr=0.05,
+                             meta_lr=0.3, batch_size=16, seed=1)
+    trainer.fit(60)
+    W = trainer.weights
+    N = len(train)
+    assert W.shape == (N, 2)
+    torch.testing.assert_close(W.sum(0), torch.ones(2, dtype=W.dtype))
+    for i in (1, 4):
+        assert (W[i] < 0.5 / N).all(), f"corrupted group {i} keeps weight {W[i].tolist()}"
+    if normalizer == "sparsemax":
+        assert (W == 0).any()
+    assert trainer.history[-1]["val_loss"][0] < 0.1
+
+
+def test_task_correlation_learns_domain_blocks():
+    """Groups 0-2 come from domain A, 3-5 from domain B; task j validates on domain j."""
+    g = torch.Generator().manual_seed(3)
+    betas = [torch.randn(5, generator=g, dtype=DT) for _ in range(2)]
+    train = [regression_group(betas[i // 3], 32, g) for i in range(6)]
+    val = [regression_group(b, 32, g) for b in betas]
+    trainer = BilevelTrainer(linear(), mse, train, val, hypergrad=bk.hypergrad.Unrolled(steps=3, lr=0.1),
+                             lr=0.05, meta_lr=0.3, batch_size=16, task_names=["A", "B"])
+    trainer.fit(40)
+    W = trainer.weights
+    assert W[:3, 0].sum() > 0.8 and W[3:, 1].sum() > 0.8, W
+
+
+def test_joint_mode_keeps_uniform_weights():
+    train, val = cleaning_problem()
+    trainer = BilevelTrainer(linear(), mse, train, val, mode="joint", batch_size=8)
+    trainer.fit(3)
+    torch.testing.assert_close(trainer.weights, torch.full((6,), 1 / 6, dtype=DT))
+
+
+def test_resume_is_exact_and_shared_modules_are_shared():
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.initial_net, self.head = torch.nn.Linear(5, 5).to(DT), torch.nn.Linear(5, 1).to(DT)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.initial_net(x)))
+
+    train, val = cleaning_problem(M=2)
+
+    def make():
+        torch.manual_seed(0)
+        return BilevelTrainer(Two(), mse, train, val, shared=("initial_net",), batch_size=8,
+                              hypergrad=bk.hypergrad.Unrolled(steps=2, lr=0.1), seed=5)
+
+    full = make()
+    full.fit(4)
+    first = make()
+    assert first.models[0].initial_net is first.models[1].initial_net
+    assert first.models[0].head is not first.models[1].head
+    first.fit(2)
+    state = copy.deepcopy(first.state_dict())
+    resumed = make()
+    resumed.load_state_dict(state)
+    resumed.fit(4)
+    assert torch.equal(resumed.omega, full.omega)
+    for (k, a), b in zip(full.models.state_dict().items(), resumed.models.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert resumed.history == full.history
+
+
+def test_bilevel_guard_names_epoch_and_task():
+    train, val = cleaning_problem()
+    bad_val = [TensorDataset(val[0].tensors[0], val[0].tensors[1] * float("inf"))]
+    trainer = BilevelTrainer(linear(), mse, train, bad_val, task_names=["knee"], batch_size=8)
+    trainer.lower_step()
+    omega = trainer.omega.clone()
+    with pytest.raises(NonFiniteError, match=r"epoch 0, task 'knee': hypergradient"):
+        trainer.upper_step()
+    assert torch.equal(trainer.omega, omega)
+    bad_train = [TensorDataset(t.tensors[0], t.tensors[1] * float("nan")) for t in train]
+    trainer = BilevelTrainer(linear(), mse, bad_train, val, task_names=["knee"], batch_size=8)
+    params = copy.deepcopy(trainer.models.state_dict())
+    with pytest.raises(NonFiniteError, match=r"epoch 0, task 'knee': weighted training loss"):
+        trainer.lower_step()
+    for k, v in trainer.models.state_dict().items():
+        assert torch.equal(v, params[k]), k  # untouched by the failed step
+    assert all(p.grad is None for p in trainer.models.parameters())
+
+
+def test_bilevel_with_dynamics_and_costate_solver():
+    """Lower level through a costate solver equals the plain autograd lower level."""
+    dyn, batches, loss = dynamics_problem(complex_states=False)  # hypergradients: real θ
+    data = [list(zip(b[0], b[1])) for b in batches]
+    out = []
+    for costate in (None, bk.CheckpointedSweep(2)):
+        trainer = BilevelTrainer(dyn, loss, data[:2], data[2:], costate=costate, batch_size=2,
+                                 hypergrad=bk.hypergrad.FirstOrder(steps=0, lr=0.1))
+        trainer.fit(2)
+        out.append((trainer.omega.clone(), [p.detach().clone() for p in trainer.models.parameters()]))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-10, atol=1e-12)
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_bad_arguments():
+    train, val = cleaning_problem()
+    with pytest.raises(ValueError, match="at least one training group"):
+        BilevelTrainer(linear(), mse, [], val)
+    with pytest.raises(ValueError, match="mode must be 'meta' or 'joint'"):
+        BilevelTrainer(linear(), mse, train, val, mode="both")
+    with pytest.raises(ValueError, match="shared='nope'"):
+        BilevelTrainer(linear(), mse, train, val, shared=("nope",))
