@@ -45,12 +45,14 @@ class CostateResult:
     """What a solver returns.
 
     ``loss``: ``ℓ(x_T)`` (detached). ``grads``: ``∇_θ ℓ`` keyed by ``named_parameters()``
-    names (trainable parameters only). ``states`` ``[x_0..x_T]`` and ``multipliers``
-    ``[λ_0..λ_T]`` (``λ_t = ∂ℓ/∂x_t``) when the solver kept them, else ``None``.
+    names (trainable parameters only). ``output``: the final state ``x_T`` (detached).
+    ``states`` ``[x_0..x_T]`` and ``multipliers`` ``[λ_0..λ_T]`` (``λ_t = ∂ℓ/∂x_t``) when the
+    solver kept them, else ``None``.
     """
 
     loss: Tensor
     grads: dict[str, Tensor]
+    output: Tensor
     states: list[Tensor] | None = None
     multipliers: list[Tensor] | None = None
 
@@ -124,6 +126,7 @@ class AutogradCostate(_Solver):
         return CostateResult(
             loss=value.detach(),
             grads=dict(zip(params, grads[: len(params)])),
+            output=states[-1].detach(),
             states=[x.detach() for x in states],
             multipliers=lams if self.keep else None,
         )
@@ -164,6 +167,7 @@ class _Sweep:
         self.used: dict[int, tuple[str, ...]] = {}
         self.grads: dict[str, Tensor] = {}
         self.value: Tensor | None = None
+        self.output: Tensor | None = None
         self.states: list[Tensor | None] = [None] * (self.T + 1)
         self.multipliers: list[Tensor | None] = [None] * (self.T + 1)
 
@@ -189,7 +193,7 @@ class _Sweep:
         if unused:
             raise _unused_error(unused)
         value, pullback = vjp(lambda x: check_loss(self.loss(x)), x_T)
-        self.value = value.detach()
+        self.value, self.output = value.detach(), x_T
         (lam,) = pullback(torch.ones_like(value))
         return x_T, lam
 
@@ -220,6 +224,7 @@ class _Sweep:
         return CostateResult(
             loss=self.value,
             grads=grads,
+            output=self.output,
             states=self.states if self.keep else None,
             multipliers=self.multipliers if self.keep else None,
         )

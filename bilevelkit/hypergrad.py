@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import normalizers
+from .dynamics import Dynamics
 
 Params = dict[str, Tensor]
 InnerLoss = Callable[[Params, Tensor], Tensor]
@@ -38,6 +39,7 @@ __all__ = [
     "Unrolled",
     "FirstOrder",
     "Implicit",
+    "InnerLoop",
 ]
 
 
@@ -49,6 +51,7 @@ class HypergradResult:
     hypergrad:  d outer_loss / d ω under the strategy's approximation, shape of ω.
     weights:    σ(ω) (detached).
     outer_loss: outer_loss(params).
+    lr_grad:    ``Unrolled(learn_lr=True)`` only: d outer_loss / d lr.
     residual:   ``Implicit`` only: relative residual ‖∇ℓ^val − (H + δI) v‖ / ‖∇ℓ^val‖ of the
                 linear solve; None for the other strategies.
     """
@@ -58,6 +61,7 @@ class HypergradResult:
     weights: Tensor
     outer_loss: float
     residual: float | None = None
+    lr_grad: float | None = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,15 @@ class Unrolled:
     the graphs of all k steps (gradients included) are kept until the end. Exact for the
     k-step map, whatever k; prefer it for small k or when the lower level is far from
     converged. Maclaurin et al. 2015; Franceschi et al. 2017; Shaban et al. 2019.
+
+    ``costate=bk.AdjointSweep()`` or ``bk.CheckpointedSweep(c)`` computes the same
+    hypergradient (to rounding) without keeping the k-step graph: the inner loop is an
+    :class:`InnerLoop` dynamics (states θ^s and the optimizer state, ω a control shared by every
+    phase) and its costate sweep re-evaluates one step at a time, with the Hessian-vector
+    product inside the phase's VJP. Memory: the stored iterates (one state per step with
+    ``AdjointSweep``, ``c`` with ``CheckpointedSweep``) plus one step's graph; time: about one
+    extra gradient evaluation per step (more with few checkpoints). ``learn_lr=True`` also
+    returns ``d outer / d lr`` in ``HypergradResult.lr_grad``.
     """
 
     steps: int
@@ -176,6 +189,8 @@ class Unrolled:
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    costate: object | None = None
+    learn_lr: bool = False
 
     def __post_init__(self) -> None:
         _check_steps_lr(self.steps, self.lr, min_steps=1)
@@ -196,13 +211,84 @@ class Unrolled:
     ) -> HypergradResult:
         theta, omega, weights = _prepare(params, omega, normalizer)
         opt = self.inner_optimizer
+        if self.costate is not None:
+            return self._sweep(inner_loss, outer_loss, theta, omega, weights, normalizer)
+        lr = (torch.tensor(float(self.lr), dtype=omega.dtype, device=omega.device, requires_grad=True)
+              if self.learn_lr else self.lr)
         state = opt.init(theta)
         for s in range(self.steps):
-            theta, state = inner_step(inner_loss, theta, state, weights, self.lr, opt,
+            theta, state = inner_step(inner_loss, theta, state, weights, lr, opt,
                                       create_graph=True, check_weights=s == 0)
         outer = _scalar(outer_loss(theta), "outer_loss", f"after {self.steps} inner steps")
-        (hypergrad,) = _or_zeros(_grad([outer], [omega]), [omega])
-        return _result(theta, hypergrad, weights, outer)
+        inputs = [omega, lr] if self.learn_lr else [omega]
+        grads = _or_zeros(_grad([outer], inputs), inputs)
+        return _result(theta, grads[0], weights, outer,
+                       lr_grad=float(grads[1]) if self.learn_lr else None)
+
+    def _sweep(self, inner_loss, outer_loss, theta, omega, weights, normalizer):
+        _gradient(inner_loss, theta, weights, False, "at inner step 0", check=True)
+        loop = InnerLoop(inner_loss, theta, omega, self.steps, self.lr, self.inner_optimizer,
+                         normalizer, self.learn_lr)
+        res = self.costate.solve(loop, None, lambda x: outer_loss(loop.unflatten(x)))
+        return _result(loop.unflatten(res.output), res.grads["omega"], weights, res.loss,
+                       lr_grad=float(res.grads["lr"]) if self.learn_lr else None)
+
+
+class InnerLoop(Dynamics):
+    """The inner optimizer loop as a control system (for hypergradients by a costate sweep).
+
+    State ``x_s`` (a ``slots × P`` tensor): the flattened parameters ``θ^s`` and, for momentum
+    and Adam, the optimizer's buffers. ``x_0 = (θ^0, 0, 0)`` is a constant, and phase ``s`` is
+    one optimizer step ``x_s = update(x_{s-1}, ∇_θ inner_loss(θ^{s-1}, σ(ω)), a)``. The
+    controls ``ω`` (and ``a`` with ``learn_lr``) are shared by every phase, so the costate
+    sweep's gradient with respect to them is the reverse-mode hypergradient of MATH.md §3. The
+    inner gradient is taken with ``torch.func.grad`` so that the sweep's VJP of a phase is a
+    Hessian-vector product.
+    """
+
+    def __init__(self, inner_loss: InnerLoss, params: Params, omega: Tensor, steps: int,
+                 lr: float, optimizer: InnerOptimizer, normalizer, learn_lr: bool = False):
+        super().__init__()
+        dtypes = {v.dtype for v in params.values()}
+        if len(dtypes) != 1:
+            raise ValueError(f"InnerLoop needs parameters of one dtype, got {sorted(map(str, dtypes))}")
+        self.horizon, self.inner_loss, self.optimizer = steps, inner_loss, optimizer
+        self.normalizer = normalizers.get(normalizer)
+        self.names = list(params)
+        self.shapes = [v.shape for v in params.values()]
+        self.sizes = [v.numel() for v in params.values()]
+        self.slots = {"sgd": 1, "momentum": 2, "adam": 3}[optimizer.name]
+        self.omega = torch.nn.Parameter(omega.detach().clone())
+        if learn_lr:
+            self.lr = torch.nn.Parameter(torch.tensor(float(lr), dtype=omega.dtype, device=omega.device))
+        else:
+            self.lr = lr
+        self.register_buffer("theta0", torch.cat([v.detach().reshape(-1) for v in params.values()]),
+                             persistent=False)
+
+    def unflatten(self, x: Tensor) -> Params:
+        """The parameter dict ``θ`` of a state (views, differentiable)."""
+        theta = x[0] if x.dim() == 2 else x
+        return {n: v.view(shape) for n, v, shape in
+                zip(self.names, torch.split(theta, self.sizes), self.shapes)}
+
+    def initial(self, ctx: None) -> Tensor:
+        zeros = torch.zeros(self.slots - 1, self.theta0.numel(), dtype=self.theta0.dtype,
+                            device=self.theta0.device)
+        return torch.cat([self.theta0.unsqueeze(0), zeros])
+
+    def step(self, t: int, x: Tensor, ctx: None) -> Tensor:
+        weights = self.normalizer(self.omega)
+
+        def loss(theta: Tensor) -> Tensor:
+            return _scalar(self.inner_loss(self.unflatten(theta), weights), "inner_loss",
+                           f"at inner step {t - 1}")
+
+        g = torch.func.grad(loss)(x[0])
+        state = OptState(t - 1, {"θ": x[1]} if self.slots > 1 else {},
+                         {"θ": x[2]} if self.slots > 2 else {})
+        new, state = self.optimizer.update({"θ": x[0]}, state, {"θ": g}, self.lr)
+        return torch.stack([new["θ"], *state.first.values(), *state.second.values()])
 
 
 @dataclass(frozen=True)
@@ -457,7 +543,8 @@ def _neumann(
 
 
 def _result(
-    params: Params, hypergrad: Tensor, weights: Tensor, outer: Tensor, residual: float | None = None
+    params: Params, hypergrad: Tensor, weights: Tensor, outer: Tensor, residual: float | None = None,
+    lr_grad: float | None = None,
 ) -> HypergradResult:
     if not bool(torch.isfinite(hypergrad).all()):
         raise FloatingPointError("the hypergradient is not finite")
@@ -467,4 +554,5 @@ def _result(
         weights=weights.detach(),
         outer_loss=float(outer.detach()),
         residual=residual,
+        lr_grad=lr_grad,
     )
