@@ -39,17 +39,23 @@ class NonFiniteError(FloatingPointError):
 
 @dataclass
 class TerminalLoss:
-    """A loss of a :class:`Dynamics` on a batch: ``ℓ(x_T, batch)`` with ``ctx = context(batch)``.
+    """A loss of a :class:`Dynamics` on a batch: ``ℓ(x_T, batch) [+ ℓ_0(x_0, batch)]``.
 
-    Callable as ``loss(model, batch)`` (plain rollout, for hypergradients and evaluation);
-    the trainers use ``context`` and ``terminal`` to run a costate solver instead.
+    ``ctx = context(batch)``; ``terminal`` is the loss on the final state and the optional
+    ``initial`` a loss on ``x_0 = F_0(f; θ_0)`` (it only reaches ``θ_0``, so its gradient is
+    one back-propagation through ``F_0``, added to the costate solver's). Callable as
+    ``loss(model, batch)`` (plain rollout, for hypergradients and evaluation); the trainers use
+    the parts to run a costate solver instead.
     """
 
     context: Callable[[Any], Any]
     terminal: Callable[[Tensor, Any], Tensor]
+    initial: Callable[[Tensor, Any], Tensor] | None = None
 
     def __call__(self, model: Dynamics, batch: Any) -> Tensor:
-        return self.terminal(model.rollout(self.context(batch))[-1], batch)
+        states = model.rollout(self.context(batch))
+        value = self.terminal(states[-1], batch)
+        return value if self.initial is None else value + self.initial(states[0], batch)
 
 
 def _world() -> tuple[int, int]:
@@ -58,13 +64,14 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _average(tensors: Sequence[Tensor]) -> None:
-    """Average tensors across ranks in place (no-op without torch.distributed)."""
+def _all_reduce(tensors: Sequence[Tensor], mean: bool = True) -> None:
+    """Sum (or average) tensors across ranks in place (no-op without torch.distributed)."""
     rank, world = _world()
     if world > 1:
         for t in tensors:
             dist.all_reduce(t)
-            t.div_(world)
+            if mean:
+                t.div_(world)
 
 
 def _finite_or_raise(value: Tensor, what: str) -> None:
@@ -77,7 +84,15 @@ def _backward(model: nn.Module, loss: Callable, batch: Any, scale: float | Tenso
               costate: Any) -> Tensor:
     """Accumulate ``scale · ∇_θ loss(model, batch)`` into ``.grad``; return the loss value."""
     if costate is not None and isinstance(loss, TerminalLoss):
-        return costate.backward(model, loss.context(batch), lambda x: scale * loss.terminal(x, batch)) / scale
+        ctx = loss.context(batch)
+        value = costate.backward(model, ctx, lambda x: scale * loss.terminal(x, batch)) / scale
+        if loss.initial is not None:
+            with torch.enable_grad():
+                value_0 = loss.initial(model.initial(ctx), batch)
+            if value_0.requires_grad:
+                (scale * value_0).backward()
+            value = value + value_0.detach()
+        return value
     value = loss(model, batch)
     (scale * value).backward()
     return value.detach()
@@ -90,14 +105,21 @@ class _Sampler:
         self.generator = torch.Generator().manual_seed(seed)
         self.collate = collate
 
-    def batch(self, dataset: Any, size: int | None) -> Any:
+    def indices(self, dataset: Any, size: int | None) -> Tensor:
         n = len(dataset)
-        if size is None or size >= n:
-            idx = torch.arange(n)
-        else:
-            idx = torch.randperm(n, generator=self.generator)[:size]
-        rank, world = _world()
-        return self.collate([dataset[int(i)] for i in idx[rank::world]])
+        return torch.arange(n) if size is None or size >= n else \
+            torch.randperm(n, generator=self.generator)[:size]
+
+    def collect(self, dataset: Any, idx: Tensor, split: bool = True) -> Any:
+        """The samples ``idx`` collated; with ``split`` only this rank's share of them."""
+        if split:
+            rank, world = _world()
+            idx = idx[rank::world]
+        return self.collate([dataset[int(i)] for i in idx])
+
+    def batch(self, dataset: Any, size: int | None) -> Any:
+        """A random minibatch (the same on every rank), this rank's share of it."""
+        return self.collect(dataset, self.indices(dataset, size))
 
 
 class MLMTrainer:
@@ -123,7 +145,7 @@ class MLMTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         value = _backward(self.dynamics, self.loss, batch, 1.0, self.costate)
         grads = [p.grad for p in self.dynamics.parameters() if p.grad is not None]
-        _average([value, *grads])
+        _all_reduce([value, *grads])
         try:
             _finite_or_raise(value, f"epoch {self.epoch}, step {len(self.history)}: loss")
             for (name, p) in self.dynamics.named_parameters():
@@ -277,7 +299,7 @@ class BilevelTrainer:
                     total = total + w[i] * _backward(model, self.loss, batch, w[i], self.costate)
             losses.append(total)
         params = self._unique_params()
-        _average([*losses, *(p.grad for p in params if p.grad is not None)])
+        _all_reduce([*losses, *(p.grad for p in params if p.grad is not None)])
         try:
             for j, value in enumerate(losses):
                 _finite_or_raise(value, f"epoch {self.epoch}, task {self.task_names[j]!r}: "
@@ -294,11 +316,17 @@ class BilevelTrainer:
     def upper_step(self) -> list[float]:
         """One Adam step on Ω from every task's hypergradient; returns the validation losses."""
         grad = torch.zeros_like(self.omega)
-        val_losses = []
+        val_losses = torch.zeros(len(self.models), dtype=grad.dtype, device=grad.device)
+        plans = [([self.sampler.indices(g, self.batch_size) for g in self.train_groups],
+                  self.sampler.indices(v, self.val_batch_size)) for v in self.val_tasks]
+        rank, world = _world()
         for j, model in enumerate(self.models):
+            if j % world != rank:  # under torch.distributed, tasks are shared out among ranks
+                continue
             bound = _Bound(model, self.loss)
-            batches = [self.sampler.batch(g, self.batch_size) for g in self.train_groups]
-            val = self.sampler.batch(self.val_tasks[j], self.val_batch_size)
+            batches = [self.sampler.collect(g, idx, split=False)
+                       for g, idx in zip(self.train_groups, plans[j][0])]
+            val = self.sampler.collect(self.val_tasks[j], plans[j][1], split=False)
 
             def inner_loss(params, weights, bound=bound, batches=batches):
                 terms = [weights[i] * functional_call(bound, params, (b,))
@@ -320,8 +348,8 @@ class BilevelTrainer:
                 grad.copy_(res.hypergrad)
             else:
                 grad[:, j] = res.hypergrad
-            val_losses.append(torch.as_tensor(res.outer_loss, dtype=grad.dtype, device=grad.device))
-        _average([grad, *val_losses])
+            val_losses[j] = res.outer_loss
+        _all_reduce([grad, val_losses], mean=False)
         for j in range(len(self.models)):
             column = grad if grad.dim() == 1 else grad[:, j]
             _finite_or_raise(column, f"epoch {self.epoch}, task {self.task_names[j]!r}: hypergradient")
@@ -329,7 +357,7 @@ class BilevelTrainer:
         self.omega.grad = grad
         self.meta_optimizer.step()
         self.omega.grad = None
-        return [float(v) for v in val_losses]
+        return val_losses.tolist()
 
     def run_epoch(self) -> dict:
         """Lower steps, then (in meta mode) upper steps; returns the epoch's logs."""

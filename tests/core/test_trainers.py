@@ -194,3 +194,19 @@ def test_bad_arguments():
         BilevelTrainer(linear(), mse, train, val, mode="both")
     with pytest.raises(ValueError, match="shared='nope'"):
         BilevelTrainer(linear(), mse, train, val, shared=("nope",))
+
+
+def test_initial_state_loss_reaches_theta_0_like_autograd():
+    dyn, batches, _ = dynamics_problem()
+    loss = TerminalLoss(context=lambda b: {"f": b[0]},
+                        terminal=lambda x, b: ((x - b[1]).abs() ** 2).mean(),
+                        initial=lambda x0, b: 0.3 * (x0 - b[1]).abs().mean())
+    grads = []
+    for costate in (None, bk.AdjointSweep()):
+        model = copy.deepcopy(dyn)
+        value = bk.trainers._backward(model, loss, batches[0], 1.0, costate)
+        grads.append((float(value), {n: p.grad for n, p in model.named_parameters()}))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-12)
+    for n, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][n], g, rtol=1e-10, atol=1e-14)
+    assert grads[0][1]["W0"].abs().sum() > 0
