@@ -1,0 +1,121 @@
+"""MRI measurement operators (MATH.md §5): masked, centred, orthonormal Fourier sampling.
+
+- ``SenseOperator``: A v = (M F (S_c v))_c,  Aᴴ y = Σ_c S_c* F⁻¹ (M y_c).
+- ``CoilOperator`` (calibration-free): A u = (M F u_c)_c,  Aᴴ y = (F⁻¹ (M y_c))_c.
+
+Shapes: coil axis -3, image axes -2, -1, any leading batch axes. Images and k-space are
+complex (complex64 or complex128). A mask M is a real tensor whose last two axes broadcast to
+(H, W) (a Cartesian column mask is (1, W)); leading mask axes broadcast against the data's
+leading axes. Masking adds ``+ 0.0`` so that no ``-0.0`` survives where M = 0 (fastMRI).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from applications.mri.fft import fft2c, ifft2c
+
+__all__ = ["SenseOperator", "CoilOperator", "rss", "apply_mask"]
+
+
+def _check_mask(mask: Tensor) -> Tensor:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.is_complex():
+        raise ValueError(f"mask must be real (0/1 weights), got dtype {mask.dtype}")
+    if mask.dim() < 2:
+        raise ValueError(
+            f"mask must have at least 2 axes broadcastable to (H, W), e.g. (1, W) or (H, W); "
+            f"got shape {tuple(mask.shape)}"
+        )
+    return mask
+
+
+def apply_mask(k: Tensor, mask: Tensor) -> Tensor:
+    """M k + 0.0: zero the unsampled k-space locations, leaving +0.0 (never -0.0) there."""
+    _check_mask(mask)
+    h, w = k.shape[-2:]
+    mh, mw = mask.shape[-2:]
+    if mh not in (1, h) or mw not in (1, w):
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} does not broadcast to the k-space image axes "
+            f"(H, W) = ({h}, {w}); expected last two axes in {{1, {h}}} x {{1, {w}}}"
+        )
+    return k * mask.to(device=k.device, dtype=k.real.dtype) + 0.0
+
+
+def _check_complex(x: Tensor, name: str, min_dim: int) -> None:
+    if not isinstance(x, Tensor) or not x.is_complex():
+        kind = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a complex tensor, got {kind}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} axes, got shape {tuple(x.shape)}")
+
+
+class SenseOperator:
+    """SENSE forward model with known coil sensitivities S (..., C, H, W) and mask M.
+
+    ``forward``: v (..., H, W) -> (M F (S_c v))_c (..., C, H, W);
+    ``adjoint``: y -> Σ_c S_c* F⁻¹(M y_c);  ``normal`` = AᴴA.
+    """
+
+    def __init__(self, sens: Tensor, mask: Tensor) -> None:
+        _check_complex(sens, "sens", 3)
+        self.sens = sens
+        self.mask = _check_mask(mask)
+
+    def _check_image(self, v: Tensor) -> None:
+        _check_complex(v, "image", 2)
+        if v.shape[-2:] != self.sens.shape[-2:]:
+            raise ValueError(
+                f"image shape {tuple(v.shape)} does not match the sensitivities' image axes "
+                f"{tuple(self.sens.shape[-2:])}"
+            )
+
+    def forward(self, v: Tensor) -> Tensor:
+        """A v = (M F (S_c v))_c."""
+        self._check_image(v)
+        return apply_mask(fft2c(self.sens * v.unsqueeze(-3)), self.mask)
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        """Aᴴ y = Σ_c S_c* F⁻¹(M y_c)."""
+        _check_complex(y, "k-space", 3)
+        if y.shape[-3:] != self.sens.shape[-3:]:
+            raise ValueError(
+                f"k-space shape {tuple(y.shape)} does not match the sensitivities' "
+                f"(C, H, W) = {tuple(self.sens.shape[-3:])}"
+            )
+        return (self.sens.conj() * ifft2c(apply_mask(y, self.mask))).sum(dim=-3)
+
+    def normal(self, v: Tensor) -> Tensor:
+        """AᴴA v."""
+        return self.adjoint(self.forward(v))
+
+
+class CoilOperator:
+    """Calibration-free model on coil images u (..., C, H, W) with mask M.
+
+    ``forward``: u -> (M F u_c)_c;  ``adjoint``: y -> (F⁻¹(M y_c))_c;  ``normal`` = AᴴA.
+    """
+
+    def __init__(self, mask: Tensor) -> None:
+        self.mask = _check_mask(mask)
+
+    def forward(self, u: Tensor) -> Tensor:
+        """A u = (M F u_c)_c."""
+        _check_complex(u, "coil images", 3)
+        return apply_mask(fft2c(u), self.mask)
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        """Aᴴ y = (F⁻¹(M y_c))_c."""
+        _check_complex(y, "k-space", 3)
+        return ifft2c(apply_mask(y, self.mask))
+
+    def normal(self, u: Tensor) -> Tensor:
+        """AᴴA u = (F⁻¹ M F u_c)_c (M binary: M² = M; general M: F⁻¹ M² F)."""
+        return self.adjoint(self.forward(u))
+
+
+def rss(coil_images: Tensor, dim: int = -3) -> Tensor:
+    """Root-sum-of-squares RSS(u) = (Σ_c |u_c|²)^{1/2} along ``dim``; real output."""
+    return torch.linalg.vector_norm(coil_images, dim=dim)
