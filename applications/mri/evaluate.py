@@ -1,0 +1,326 @@
+"""Evaluate a trained reconstruction network: ``python -m applications.mri.evaluate``.
+
+Reconstructs every slice of every file under ``--data`` (real fastMRI multicoil files or the
+synthetic ones), with undersampling from the file's task attributes or ``--mask``/
+``--acceleration``, and compares the model with zero-filled RSS and CG-SENSE (coil maps
+estimated from the fully sampled centre). Metrics follow fastMRI: per volume, data range = the
+volume's maximum, then averaged over the volumes of a task. Writes ``metrics.json`` (layout
+below), a figure of reconstructions and error maps, and prints a table::
+
+    {"tasks": {TASK: {"model": {"psnr", "ssim", "nmse"}, "zero_filled": {...},
+                      "cg_sense": {...}, "seen": bool, "model_task": str, ...}},
+     "seen": [...], "unseen": [...], "mean": {"seen": {...}, "unseen": {...}}}
+
+A task the model never saw uses the model of the nearest validation task (same anatomy, else
+most name parts in common); ``--adapt STEPS`` first fine-tunes that model for STEPS Adam steps
+on the task's first volume and evaluates on the others.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from applications.mri import baselines, fft, masks, metrics, operators, sensitivities
+from applications.mri.data import DataError, MaskTransform, SliceDataset
+from applications.mri.losses import ReconLoss, reconstruction
+
+METHODS = ("model", "zero_filled", "cg_sense")
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one line, exit code 2."""
+
+
+# --- samples ---------------------------------------------------------------------------------
+
+class ReconTransform:
+    """SliceDataset sample → tensors the network and the loss need (all normalised by ``scale``).
+
+    ``kspace`` (C, H, W) undersampled, ``mask`` (1, H, W), ``target`` RSS reference,
+    ``coil_target`` fully sampled coil images, ``scale``; ``sens`` (ESPIRiT maps from the
+    sampled centre) when ``sense``.
+    """
+
+    def __init__(self, family: str | None = None, acceleration: float | None = None,
+                 seed: int = 0, sense: bool = False, calib: int = 24):
+        self.masking = MaskTransform(family, acceleration, seed=seed)
+        self.sense, self.calib = sense, calib
+
+    def __call__(self, sample: dict) -> dict:
+        out = self.masking(sample)
+        full = sample["kspace"] / out["scale"]
+        item = {"kspace": out["kspace"], "mask": out["mask"], "target": out["target"],
+                "coil_target": fft.ifft2c(full), "scale": out["scale"]}
+        if self.sense:
+            item["sens"] = sensitivities.estimate(out["kspace"], self.calib)
+        return item
+
+
+class CachedSubset(torch.utils.data.Dataset):
+    """Transformed samples of ``indices`` of a dataset, each computed once and kept."""
+
+    def __init__(self, dataset: SliceDataset, indices: Sequence[int], transform: Callable):
+        self.dataset, self.indices, self.transform = dataset, list(indices), transform
+        self.cache: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        if i not in self.cache:
+            self.cache[i] = self.transform(self.dataset[self.indices[i]])
+        return self.cache[i]
+
+
+def family(task: str) -> str:
+    """The anatomy (first name part) of a task: ``knee_pd_random4`` → ``knee``."""
+    return task.split("_")[0]
+
+
+def nearest(task: str, candidates: Sequence[str]) -> str:
+    """The candidate of the same anatomy with most name parts in common with ``task``."""
+    parts = set(task.split("_"))
+    return max(candidates, key=lambda c: (family(c) == family(task), len(parts & set(c.split("_")))))
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+def _crop(x: Tensor, shape: Sequence[int]) -> Tensor:
+    h, w = x.shape[-2:]
+    top, left = (h - shape[-2]) // 2, (w - shape[-1]) // 2
+    return x[..., top:top + shape[-2], left:left + shape[-1]]
+
+
+def coil_maps(kspace: Tensor, calib: int = 24) -> Tensor:
+    """ESPIRiT maps from the fully sampled centre; where the mask leaves too small a
+    calibration box (radial, some 2-D masks), maps from the low-resolution coil images
+    ``S_c = ũ_c / RSS(ũ)`` with ``ũ`` the inverse FFT of the sampled centre (a 16% disc)."""
+    try:
+        return sensitivities.estimate(kspace, calib)
+    except ValueError:
+        H, W = kspace.shape[-2:]
+        y = torch.arange(H, device=kspace.device).view(-1, 1) - H // 2
+        x = torch.arange(W, device=kspace.device).view(1, -1) - W // 2
+        low = fft.ifft2c(kspace * ((y / H) ** 2 + (x / W) ** 2 <= 0.08 ** 2))
+        return low / operators.rss(low, dim=-3).unsqueeze(-3).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def reconstruct(model: torch.nn.Module, item: dict, device: torch.device, cg_iters: int = 30
+                ) -> dict[str, Tensor]:
+    """Magnitude images (H, W) of one sample: reference, model, zero-filled and CG-SENSE."""
+    batch = {k: v.unsqueeze(0).to(device) for k, v in item.items()}
+    ctx = {k: batch[k] for k in ("kspace", "mask", "sens") if k in batch}
+    u_T = model.rollout(ctx)[-1]
+    sens = batch.get("sens")
+    if sens is None:
+        sens = coil_maps(batch["kspace"])
+    cg = baselines.cg_sense(batch["kspace"], batch["mask"], sens, iters=cg_iters)
+    scale = batch["scale"]
+    ref = batch["target"][0] * scale
+    images = {"model": reconstruction(u_T)[0], "zero_filled": baselines.zero_filled(batch["kspace"], batch["mask"])[0],
+              "cg_sense": baselines.magnitude(cg, sens)[0]}
+    return {"reference": ref, **{k: _crop(v, ref.shape) * scale for k, v in images.items()}}
+
+
+def volume_metrics(ref: Tensor, images: dict[str, Tensor]) -> dict[str, dict[str, float]]:
+    """fastMRI PSNR/SSIM/NMSE of each method on one volume (slices, H, W)."""
+    ref = ref.double()
+    return {m: {"psnr": float(metrics.psnr(ref, img.double())),
+                "ssim": float(metrics.ssim(ref, img.double())),
+                "nmse": float(metrics.nmse(ref, img.double()))} for m, img in images.items()}
+
+
+def adapt(model: torch.nn.Module, data: Sequence[dict], steps: int, lr: float = 1e-4,
+          device: torch.device | None = None) -> torch.nn.Module:
+    """A copy of ``model`` fine-tuned by ``steps`` Adam steps on ``data`` (one sample a step)."""
+    tuned = copy.deepcopy(model)
+    opt = torch.optim.Adam(tuned.parameters(), lr=lr)
+    loss = ReconLoss()
+    for s in range(steps):
+        item = {k: v.unsqueeze(0).to(device) for k, v in data[s % len(data)].items()}
+        ctx = {k: item[k] for k in ("kspace", "mask", "sens") if k in item}
+        states = tuned.rollout(ctx)
+        value = loss.terminal(states[-1], item) + loss.initial(states[0], item)
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+    return tuned
+
+
+def evaluate_tasks(models: dict[str, torch.nn.Module], files: dict[str, dict[str, list[dict]]],
+                   seen: Sequence[str], device: torch.device, adapt_steps: int = 0,
+                   progress: Callable[[Any], Any] = lambda it: it) -> tuple[dict, list[dict]]:
+    """Metrics of every task and one figure row per task.
+
+    ``models``: validation-task name → model; ``files``: task → {fname: [transformed samples in
+    slice order]}; ``seen``: tasks whose own validation-task model exists (directly or by
+    anatomy). Returns the ``metrics.json`` content and rows for ``figures.reconstructions``.
+    """
+    out: dict = {"tasks": {}, "seen": [], "unseen": []}
+    rows = []
+    for task in progress(sorted(files)):
+        is_seen = task in seen
+        model_task = task if task in models else nearest(task, list(models))
+        model = models[model_task]
+        volumes = files[task]
+        names = sorted(volumes)
+        if not is_seen and adapt_steps > 0:
+            if len(names) > 1:
+                adapt_data, names = volumes[names[0]], names[1:]
+            else:  # one volume: adapt on its first half of slices
+                half = max(1, len(volumes[names[0]]) // 2)
+                adapt_data = volumes[names[0]][:half]
+                volumes = {names[0]: volumes[names[0]][half:] or adapt_data}
+            model = adapt(model, adapt_data, adapt_steps, device=device)
+        per_volume = []
+        for i, name in enumerate(names):
+            recons = [reconstruct(model, item, device) for item in volumes[name]]
+            stack = {k: torch.stack([r[k] for r in recons]).cpu() for k in recons[0]}
+            per_volume.append(volume_metrics(stack["reference"], {m: stack[m] for m in METHODS}))
+            if i == 0:
+                first = {k: v[0] for k, v in stack.items()}
+                rows.append({"task": f"{task}{'' if is_seen else ' (unseen)'}",
+                             "reference": first["reference"],
+                             "images": {m: first[m] for m in METHODS},
+                             "psnr": {m: per_volume[0][m]["psnr"] for m in METHODS}})
+        out["tasks"][task] = {
+            **{m: {q: sum(v[m][q] for v in per_volume) / len(per_volume) for q in ("psnr", "ssim", "nmse")}
+               for m in METHODS},
+            "seen": is_seen, "model_task": model_task, "volumes": len(per_volume),
+            "adapted_steps": adapt_steps if not is_seen else 0,
+        }
+        out["seen" if is_seen else "unseen"].append(task)
+    out["mean"] = {group: {m: {q: sum(out["tasks"][t][m][q] for t in out[group]) / len(out[group])
+                               for q in ("psnr", "ssim", "nmse")} for m in METHODS}
+                   for group in ("seen", "unseen") if out[group]}
+    return out, rows
+
+
+def table(results: dict) -> str:
+    """The PSNR/SSIM table printed at the end of training and evaluation."""
+    head = f"{'task':34s} {'':6s}" + "".join(f" {m + ' PSNR':>17s} {'SSIM':>6s}" for m in METHODS)
+    lines = [head, "-" * len(head)]
+    for group in ("seen", "unseen"):
+        for task in results[group]:
+            r = results["tasks"][task]
+            lines.append(f"{task:34s} {group:6s}" + "".join(
+                f" {r[m]['psnr']:17.2f} {r[m]['ssim']:6.3f}" for m in METHODS))
+        if group in results.get("mean", {}):
+            r = results["mean"][group]
+            lines.append(f"{'mean':34s} {group:6s}" + "".join(
+                f" {r[m]['psnr']:17.2f} {r[m]['ssim']:6.3f}" for m in METHODS))
+    return "\n".join(lines)
+
+
+def group_files(dataset: SliceDataset, indices: Sequence[int], transform: Callable
+                ) -> dict[str, dict[str, list[dict]]]:
+    """task → fname → transformed samples (slice order) for the given dataset indices."""
+    files: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for i in sorted(indices, key=lambda i: (dataset.examples[i].fname, dataset.examples[i].slice)):
+        ex = dataset.examples[i]
+        files[ex.attrs["task"]][ex.fname].append(transform(dataset[i]))
+    return {t: dict(v) for t, v in files.items()}
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
+    """Load a training checkpoint safely (``weights_only=True``); clear errors otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is reported the same way
+        raise UsageError(f"{path}: refused to load: the file is not a bilevelkit checkpoint that "
+                         f"loads with weights_only=True (it may need arbitrary unpickling, which "
+                         f"we never do, or be truncated): {type(err).__name__}") from err
+    if not isinstance(state, dict) or "config" not in state or "trainer" not in state:
+        raise UsageError(f"{path}: not a bilevelkit MRI training checkpoint (no config/trainer)")
+    return state
+
+
+def models_from_checkpoint(state: dict, device: torch.device) -> dict[str, torch.nn.Module]:
+    """Validation-task name → network with the checkpoint's weights."""
+    from applications.mri.network import NetworkConfig, UnrolledRecon
+
+    net_cfg = NetworkConfig(**state["network"])
+    models_state = state["trainer"]["models"]
+    out = {}
+    for j, name in enumerate(state["task_names"]):
+        model = UnrolledRecon(net_cfg).to(device)
+        prefix = f"{j}."
+        model.load_state_dict({k[len(prefix):]: v for k, v in models_state.items() if k.startswith(prefix)})
+        model.eval()
+        out[name] = model
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m applications.mri.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt or best.pt of a training run")
+    p.add_argument("--data", required=True, help="folder of fastMRI-layout .h5 files (real or synthetic)")
+    p.add_argument("--out", required=True, help="folder for metrics.json and figures")
+    p.add_argument("--mask", default=None, choices=masks.FAMILIES,
+                   help="mask family (default: each file's mask_family attribute)")
+    p.add_argument("--acceleration", type=float, default=None,
+                   help="acceleration (default: each file's attribute)")
+    p.add_argument("--adapt", type=int, default=0, metavar="STEPS",
+                   help="fine-tune the nearest model on an unseen task's first volume first")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=1234, help="mask seed (per file and slice)")
+    return p
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from applications.mri import figures
+
+    device = pick_device(args.device)
+    state = load_checkpoint(args.checkpoint, device)
+    if args.adapt < 0:
+        raise UsageError(f"--adapt must be >= 0, got {args.adapt}")
+    models = models_from_checkpoint(state, device)
+    dataset = SliceDataset(args.data)
+    transform = ReconTransform(args.mask, args.acceleration, seed=args.seed,
+                               sense=state["network"]["operator"] == "sense")
+    files = group_files(dataset, range(len(dataset)), transform)
+    seen = [t for t in files if t in state.get("seen_tasks", [])]
+    results, rows = evaluate_tasks(models, files, seen, device, args.adapt)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results["checkpoint"] = str(args.checkpoint)
+    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    figures.reconstructions(out / "reconstructions.png", rows)
+    print(table(results))
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        run(args)
+    except (UsageError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

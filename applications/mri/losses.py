@@ -1,0 +1,57 @@
+"""Training loss of the unrolled network (MATH.md §5), the same at both levels.
+
+    ℓ = ‖RSS(u_T) − RSS(u*)‖₁  +  ‖u_T − u*‖²  +  0.01 ‖u_0 − u*‖₁      (means over pixels)
+
+with ``u*`` the fully sampled coil images and ``RSS(u*)`` the reference, both divided by the
+sample's normalisation ``scale``. **Decision:** the image term uses ``RSS(u_T)``, not the
+learned combination ``|J(u_T)|``, so that the loss depends on the final state only and carries
+no parameters — the contract every costate solver relies on (a parameter inside the loss would
+get no gradient from the sweep). The ``u_0`` term is a loss on the initial state, added by
+:class:`bilevelkit.trainers.TerminalLoss`'s ``initial`` hook. Optional: ``ssim_weight`` adds
+``w·(1 − SSIM)`` of the magnitude images.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from applications.mri import metrics, operators
+
+__all__ = ["ReconLoss", "reconstruction"]
+
+
+def reconstruction(u: Tensor) -> Tensor:
+    """The magnitude image ``RSS(u)`` (B, H, W) of a state (coil images, or (B, 1, H, W))."""
+    return operators.rss(u, dim=1)
+
+
+def _coil_target(batch: dict, state: Tensor) -> Tensor:
+    target = batch["coil_target"]
+    if state.shape[1] == 1 and target.shape[1] != 1:  # SENSE state: coil-combined target
+        target = (batch["sens"].conj() * target).sum(1, keepdim=True)
+    return target
+
+
+@dataclass(frozen=True)
+class ReconLoss:
+    """``terminal(u_T, batch)`` and ``initial(u_0, batch)`` parts of the loss."""
+
+    image_weight: float = 1.0
+    coil_weight: float = 1.0
+    initial_weight: float = 0.01
+    ssim_weight: float = 0.0
+
+    def terminal(self, u_T: Tensor, batch: dict) -> Tensor:
+        """``‖RSS(u_T) − ref‖₁ + ‖u_T − u*‖² (+ w(1 − SSIM))``."""
+        image = reconstruction(u_T)
+        ref = batch["target"].to(image.dtype)
+        loss = self.image_weight * (image - ref).abs().mean()
+        loss = loss + self.coil_weight * (u_T - _coil_target(batch, u_T)).abs().pow(2).mean()
+        if self.ssim_weight:
+            loss = loss + self.ssim_weight * (1 - metrics.ssim(ref, image))
+        return loss
+
+    def initial(self, u_0: Tensor, batch: dict) -> Tensor:
+        """``0.01 ‖u_0 − u*‖₁``."""
+        return self.initial_weight * (u_0 - _coil_target(batch, u_0)).abs().mean()

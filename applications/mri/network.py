@@ -1,0 +1,153 @@
+"""The unrolled reconstruction network as a control system (MATH.md §5).
+
+State: coil images ``u`` (B, C, H, W) complex (calibration-free, the default) or one image
+``v`` stored as (B, 1, H, W) when coil sensitivities are given (SENSE). Phases:
+
+    x_0 = F_0(f; θ_0):  û = F⁻¹(f + K_{θ_0}(f))             residual k-space CNN (or zero-filled)
+    b_t = u_{t-1} − ρ_t Aᴴ(A u_{t-1} − f)                     gradient step, learned ρ_t
+    u_t = b_t + J̃_t G̃_t S_{α_t} G_t J_t (b_t)                 residual learned proximal map
+
+J_t combines the coils into one complex image (as real/imag channels), G_t extracts features,
+S_α soft-thresholds them with learned α_t (one per feature channel), G̃_t and J̃_t mirror the
+path back to the coils. No weights are shared across phases. The reconstruction is
+``RSS(u_T)`` (see :mod:`applications.mri.losses` for why not ``|J(u_T)|``).
+
+``ctx`` is a dict of tensors: ``kspace`` f (B, C, H, W) complex (undersampled, normalised),
+``mask`` broadcastable to (B, 1, H, W), and optionally ``sens`` (B, C, H, W) for SENSE.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import bilevelkit as bk
+from applications.mri import operators
+from applications.mri.fft import ifft2c
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Every size of :class:`UnrolledRecon`."""
+
+    coils: int = 8
+    phases: int = 4
+    width: int = 16
+    depth: int = 2
+    kernel: int = 3
+    kspace_width: int = 16
+    initial: str = "kspace_cnn"   # or "zero_filled"
+    operator: str = "coil"        # or "sense" (ctx must carry "sens")
+    rho: float = 0.5
+    alpha: float = 0.01
+
+    def __post_init__(self) -> None:
+        for name in ("coils", "phases", "width", "depth", "kernel", "kspace_width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"network {name} must be an integer >= 1, got {value!r}")
+        if self.kernel % 2 == 0:
+            raise ValueError(f"network kernel must be odd (same-size convolutions), got {self.kernel}")
+        if self.initial not in ("kspace_cnn", "zero_filled"):
+            raise ValueError(f"initial must be 'kspace_cnn' or 'zero_filled', got {self.initial!r}")
+        if self.operator not in ("coil", "sense"):
+            raise ValueError(f"operator must be 'coil' or 'sense', got {self.operator!r}")
+
+
+def to_channels(z: Tensor) -> Tensor:
+    """(B, C, H, W) complex → (B, 2C, H, W) real: real parts, then imaginary parts."""
+    return torch.cat([z.real, z.imag], dim=1)
+
+
+def to_complex(x: Tensor) -> Tensor:
+    """Inverse of :func:`to_channels`."""
+    re, im = x.chunk(2, dim=1)
+    return torch.complex(re, im)
+
+
+def cnn(channels_in: int, width: int, channels_out: int, depth: int, kernel: int) -> nn.Sequential:
+    """``depth`` convolutions ``in → width → … → out`` with ReLU between them."""
+    sizes = [channels_in] + [width] * (depth - 1) + [channels_out]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Conv2d(a, b, kernel, padding=kernel // 2))
+        if i < depth - 1:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def soft_threshold(z: Tensor, alpha: Tensor) -> Tensor:
+    """``S_α(z) = sign(z) max(|z| − α, 0)``, α broadcast over channels."""
+    return z.sign() * F.relu(z.abs() - alpha.view(1, -1, 1, 1))
+
+
+class Phase(nn.Module):
+    """One phase ``b ↦ b + J̃ G̃ S_α G J (b)`` of the learned proximal map, plus ``ρ``."""
+
+    def __init__(self, cfg: NetworkConfig, coils: int):
+        super().__init__()
+        w, d, k = cfg.width, cfg.depth, cfg.kernel
+        self.rho = nn.Parameter(torch.tensor(cfg.rho))
+        self.combine = cnn(2 * coils, w, 2, d, k)         # J_t
+        self.features = cnn(2, w, w, d, k)                 # G_t
+        self.alpha = nn.Parameter(torch.full((w,), cfg.alpha))
+        self.features_back = cnn(w, w, 2, d, k)            # G̃_t
+        self.spread = cnn(2, w, 2 * coils, d, k)           # J̃_t
+        nn.init.zeros_(self.spread[-1].weight)  # J̃ ends at 0: the phase starts as a plain
+        nn.init.zeros_(self.spread[-1].bias)    # gradient step (prox = identity)
+
+    def prox(self, b: Tensor) -> Tensor:
+        z = soft_threshold(self.features(self.combine(to_channels(b))), self.alpha.abs())
+        return b + to_complex(self.spread(self.features_back(z)))
+
+
+class UnrolledRecon(bk.Dynamics):
+    """Unrolled proximal-gradient network for multi-coil MRI, a :class:`bilevelkit.Dynamics`.
+
+    Parameters: ``initial_net`` (θ_0, the k-space CNN; absent for ``initial="zero_filled"``)
+    and ``phases[t-1]`` (θ_t). Share ``initial_net`` across task models with
+    ``BilevelTrainer(shared=("initial_net",))``.
+    """
+
+    def __init__(self, cfg: NetworkConfig = NetworkConfig()):
+        super().__init__()
+        self.cfg, self.horizon = cfg, cfg.phases
+        coils = 1 if cfg.operator == "sense" else cfg.coils
+        if cfg.initial == "kspace_cnn":
+            self.initial_net = cnn(2 * cfg.coils, cfg.kspace_width, 2 * cfg.coils, 3, cfg.kernel)
+            nn.init.zeros_(self.initial_net[-1].weight)
+            nn.init.zeros_(self.initial_net[-1].bias)
+        self.phases = nn.ModuleList(Phase(cfg, coils) for _ in range(cfg.phases))
+
+    def _check(self, ctx: dict) -> None:
+        f = ctx["kspace"]
+        if not (f.is_complex() and f.dim() == 4 and f.shape[1] == self.cfg.coils):
+            raise ValueError(f"UnrolledRecon expects kspace (B, {self.cfg.coils}, H, W) complex, "
+                             f"got {tuple(f.shape)} {f.dtype}")
+        if self.cfg.operator == "sense" and "sens" not in ctx:
+            raise ValueError("operator='sense' needs coil sensitivities ctx['sens'] (B, C, H, W)")
+
+    def gradient(self, u: Tensor, ctx: dict) -> Tensor:
+        """``Aᴴ(A u − f)`` in the state's space."""
+        f, mask = ctx["kspace"], ctx["mask"]
+        if self.cfg.operator == "sense":
+            op = operators.SenseOperator(ctx["sens"], mask)
+            return op.adjoint(op.forward(u[:, 0]) - f).unsqueeze(1)
+        op = operators.CoilOperator(mask)
+        return op.adjoint(op.forward(u) - f)
+
+    def initial(self, ctx: dict) -> Tensor:
+        self._check(ctx)
+        f = ctx["kspace"]
+        if self.cfg.initial == "kspace_cnn":
+            f = f + to_complex(self.initial_net(to_channels(f)))
+        u = ifft2c(f)
+        if self.cfg.operator == "sense":
+            return (ctx["sens"].conj() * u).sum(1, keepdim=True)
+        return u
+
+    def step(self, t: int, u: Tensor, ctx: dict) -> Tensor:
+        phase = self.phases[t - 1]
+        return phase.prox(u - phase.rho * self.gradient(u, ctx))

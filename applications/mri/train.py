@@ -1,0 +1,492 @@
+"""Meta-learned multi-coil MRI reconstruction: ``python -m applications.mri.train``.
+
+With no arguments: generates (once, cached) the synthetic task catalogue, trains one unrolled
+network per validation task with the bilevel model of Algorithm 1 (Ω over training tasks ×
+validation tasks, W = σ(Ω) column-wise, the initial network shared), evaluates on held-out
+volumes of the seen tasks and on the held-out tasks, and writes everything to ``--out``.
+
+Data split: the training groups are the seen tasks; each task's volumes are split into
+training, validation and test (one volume each for the last two; by slices when a task has
+fewer than three volumes). Validation tasks are the anatomies (``--val-tasks anatomy``, the
+default: W is then tasks × anatomies) or the seen tasks themselves (``--val-tasks task``).
+Tasks listed as held out (synthetic catalogue) or in ``--unseen`` are never trained on.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import default_collate
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+import bilevelkit as bk
+from applications.mri import phantoms
+from applications.mri.data import DataError, SliceDataset, generate
+from applications.mri.evaluate import (CachedSubset, ReconTransform, UsageError, evaluate_tasks,
+                                       family, load_checkpoint, pick_device, table)
+from applications.mri.losses import ReconLoss
+from applications.mri.network import NetworkConfig, UnrolledRecon
+
+log = logging.getLogger("applications.mri.train")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of the training CLI (``--config FILE.toml`` uses these names)."""
+
+    data: str = ""                 # folder of fastMRI-layout files; "" = synthetic catalogue
+    cache: str = "~/.cache/bilevelkit/synthetic"
+    out: str = "runs/mri"
+    tasks: list = field(default_factory=list)    # subset of tasks to use (default: all)
+    unseen: list = field(default_factory=list)   # extra tasks to hold out from training
+    size: list = field(default_factory=lambda: [64, 64])
+    coils: int = 8
+    slices: int = 4
+    volumes: int = 4
+    mode: str = "meta"
+    val_tasks: str = "anatomy"
+    normalizer: str = "softmax"
+    hypergrad: str = "unrolled"
+    hypergrad_costate: str = "autograd"
+    inner_steps: int = 1
+    inner_lr: float = 0.01
+    costate: str = "sweep"
+    checkpoints: int = 3
+    phases: int = 4
+    width: int = 12
+    depth: int = 2
+    kernel: int = 3
+    initial: str = "kspace_cnn"
+    operator: str = "coil"
+    share_initial: bool = True
+    epochs: int = 30
+    lower_steps: int = 2
+    upper_steps: int = 1
+    batch_size: int = 2
+    lr: float = 2e-3
+    meta_lr: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+
+
+QUICK = dict(size=[64, 64], coils=4, slices=2, volumes=3, phases=2, width=6, epochs=3,
+             lower_steps=1, tasks=["brain_t1_random4", "knee_pd_equispaced4",
+                                   "knee_t2_random6", "knee_pd_random8"])
+
+CHOICES = {"mode": ("meta", "joint"), "val_tasks": ("anatomy", "task"),
+           "normalizer": ("softmax", "sparsemax", "entmax15"),
+           "hypergrad": ("unrolled", "first-order", "implicit"),
+           "hypergrad_costate": ("autograd", "sweep", "checkpointed"),
+           "costate": ("autograd", "sweep", "checkpointed"),
+           "initial": ("kspace_cnn", "zero_filled"), "operator": ("coil", "sense"),
+           "device": ("auto", "cpu", "cuda")}
+
+HELP = {
+    "data": "folder of fastMRI-layout .h5 files (real multicoil or generated); tasks come from "
+            "each file's task/acquisition attribute (default: the built-in synthetic catalogue)",
+    "cache": "where the synthetic catalogue is generated and reused",
+    "out": "output folder (checkpoints, metrics.json, figures, logs)",
+    "tasks": "use only these tasks", "unseen": "hold these tasks out of training (evaluated only)",
+    "size": "image size H W of the synthetic data", "coils": "coils of the synthetic data",
+    "slices": "slices per synthetic volume", "volumes": "synthetic volumes per task",
+    "mode": "meta: learn W = σ(Ω); joint: uniform weights (the baseline)",
+    "val_tasks": "validation tasks: one per anatomy, or one per seen task",
+    "normalizer": "σ, normalising each column of Ω onto the simplex",
+    "hypergrad": "hypergradient strategy of the upper level",
+    "hypergrad_costate": "how unrolled hypergradients are computed: autograd keeps the k-step "
+                         "graph, sweep/checkpointed use the inner loop's costate sweep (memory flat in k)",
+    "inner_steps": "inner (look-ahead) steps k of the hypergradient", "inner_lr": "inner step size",
+    "costate": "costate solver of the lower level", "checkpoints": "states kept by --costate checkpointed",
+    "phases": "unrolled phases T", "width": "feature channels of the phase CNNs",
+    "depth": "convolutions per CNN", "kernel": "convolution kernel size (odd)",
+    "initial": "initial network F_0", "operator": "coil: calibration-free; sense: ESPIRiT maps",
+    "share_initial": "share F_0 across the task models",
+    "epochs": "epochs (each: lower steps, then upper steps)",
+    "lower_steps": "lower-level Adam steps per epoch", "upper_steps": "Ω steps per epoch",
+    "batch_size": "slices per training group in a minibatch", "lr": "lower-level Adam learning rate",
+    "meta_lr": "Adam learning rate of Ω", "seed": "seed of data, masks, initialisation and minibatches",
+    "device": "auto picks CUDA when present", "threads": "torch CPU threads (0: torch's default)",
+}
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m applications.mri.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", metavar="FILE.toml", help="options from a TOML file (CLI overrides it)")
+    p.add_argument("--quick", action="store_true", help="tiny configuration for smoke tests (~1 min)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoint.pt")
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        kw: dict[str, Any] = {"help": f"{HELP[f.name]} (default: {default})"}
+        if f.name in CHOICES:
+            kw["choices"] = CHOICES[f.name]
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(default, list):
+            p.add_argument(flag, nargs="+", type=int if f.name == "size" else str, **kw)
+        else:
+            p.add_argument(flag, type=type(default), **kw)
+    return p
+
+
+def load_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: no such file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UsageError(f"--config {path}: not valid TOML: {err}") from None
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise UsageError(f"--config {path}: unknown option {key!r}; valid options: "
+                             + ", ".join(sorted(known)))
+        out[name] = value
+    return out
+
+
+def resolve(argv: Sequence[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
+    """Defaults < --quick < --config file < command line; then validated."""
+    args = build_parser().parse_args(argv)
+    values = dataclasses.asdict(TrainConfig())
+    if getattr(args, "quick", False):
+        values.update(QUICK)
+    if "config" in args:
+        values.update(load_toml(args.config))
+    values.update({k: v for k, v in vars(args).items() if k in values})
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg, args
+
+
+def validate(cfg: TrainConfig) -> None:
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise UsageError(f"{name} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
+    for name in ("coils", "slices", "volumes", "phases", "width", "depth", "kernel", "epochs",
+                 "batch_size", "inner_steps", "checkpoints"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise UsageError(f"{name} must be an integer >= 1, got {value!r}")
+    for name in ("lower_steps", "upper_steps", "threads"):
+        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 0:
+            raise UsageError(f"{name} must be an integer >= 0, got {getattr(cfg, name)!r}")
+    if len(cfg.size) != 2 or min(cfg.size) < 16:
+        raise UsageError(f"size must be two integers >= 16 (H W), got {cfg.size}")
+    for name in ("lr", "meta_lr", "inner_lr"):
+        if not getattr(cfg, name) > 0:
+            raise UsageError(f"{name} must be > 0, got {getattr(cfg, name)}")
+    if cfg.kernel % 2 == 0:
+        raise UsageError(f"kernel must be odd, got {cfg.kernel}")
+    if not cfg.data:
+        unknown = [t for t in [*cfg.tasks, *cfg.unseen] if t not in phantoms.TASKS]
+        if unknown:
+            raise UsageError(f"unknown task(s) {', '.join(unknown)}; the synthetic catalogue has: "
+                             + ", ".join(phantoms.TASKS))
+
+
+def write_toml(path: Path, cfg: TrainConfig) -> None:
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return json.dumps(v)
+
+    lines = ["# resolved options of this run (python -m applications.mri.train --config this-file)"]
+    lines += [f"{k} = {fmt(v)}" for k, v in dataclasses.asdict(cfg).items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def data_root(cfg: TrainConfig, rank: int) -> Path:
+    if cfg.data:
+        root = Path(cfg.data).expanduser()
+        if not root.is_dir():
+            raise UsageError(f"--data {root}: no such folder")
+        return root
+    H, W = cfg.size
+    root = Path(cfg.cache).expanduser() / f"{H}x{W}-c{cfg.coils}-s{cfg.slices}-v{cfg.volumes}-seed{cfg.seed}"
+    if rank == 0:
+        generate(root, tasks=list(phantoms.TASKS), slices=cfg.slices, size=(H, W), coils=cfg.coils,
+                 seed=cfg.seed, volumes=cfg.volumes)
+    if dist.is_initialized():
+        dist.barrier()
+    return root
+
+
+def split(dataset: SliceDataset, cfg: TrainConfig) -> dict[str, Any]:
+    """Per task: train/val/test example indices; which tasks are seen."""
+    by_task: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for i, ex in enumerate(dataset.examples):
+        by_task[ex.attrs["task"]][ex.fname].append(i)
+    tasks = sorted(by_task)
+    if cfg.tasks:
+        missing = [t for t in cfg.tasks if t not in by_task]
+        if missing:
+            raise UsageError(f"task(s) {', '.join(missing)} not found in the data; it has: {', '.join(tasks)}")
+        tasks = [t for t in tasks if t in cfg.tasks]
+    held = set(cfg.unseen) | {t for t in tasks if t in phantoms.TASKS and phantoms.TASKS[t].held_out
+                              and not cfg.data}
+    seen = [t for t in tasks if t not in held]
+    if not seen:
+        raise UsageError("no task is left to train on (all are held out)")
+    parts: dict[str, dict[str, list[int]]] = {}
+    for t in tasks:
+        files = [by_task[t][f] for f in sorted(by_task[t])]
+        if t in held:
+            parts[t] = {"test": [i for f in files for i in f]}
+        elif len(files) >= 3:
+            parts[t] = {"train": [i for f in files[:-2] for i in f], "val": files[-2], "test": files[-1]}
+        else:
+            flat = [i for f in files for i in f]
+            if len(flat) < 3:
+                raise UsageError(f"task {t} has {len(flat)} slice(s); need at least 3 to split "
+                                 "into training, validation and test")
+            a, b = max(1, len(flat) * 3 // 5), max(2, len(flat) * 4 // 5)
+            parts[t] = {"train": flat[:a], "val": flat[a:b], "test": flat[b:]}
+    return {"seen": seen, "unseen": [t for t in tasks if t in held], "parts": parts}
+
+
+# --- training --------------------------------------------------------------------------------
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a kill never leaves a broken file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def costate_solver(name: str, checkpoints: int) -> Any:
+    return {"autograd": bk.AutogradCostate, "sweep": bk.AdjointSweep,
+            "checkpointed": lambda: bk.CheckpointedSweep(checkpoints)}[name]()
+
+
+def hypergradient(cfg: TrainConfig) -> Any:
+    if cfg.hypergrad == "unrolled":
+        costate = None if cfg.hypergrad_costate == "autograd" else \
+            costate_solver(cfg.hypergrad_costate, cfg.checkpoints)
+        return bk.hypergrad.Unrolled(steps=cfg.inner_steps, lr=cfg.inner_lr, costate=costate)
+    if cfg.hypergrad == "first-order":
+        return bk.hypergrad.FirstOrder(steps=cfg.inner_steps - 1, lr=cfg.inner_lr)
+    return bk.hypergrad.Implicit(steps=cfg.inner_steps, lr=cfg.inner_lr, iters=10, damping=1e-3)
+
+
+class Recorder:
+    """Epoch callback of rank 0: CSV logs, weights.csv, TensorBoard, checkpoints, progress."""
+
+    def __init__(self, out: Path, cfg: TrainConfig, meta: dict, bar: Any, val_loss: Any):
+        self.out, self.cfg, self.meta, self.bar, self.val_loss = out, cfg, meta, bar, val_loss
+        self.best = meta.get("best", float("inf"))
+        self.start = time.perf_counter()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except (ImportError, ModuleNotFoundError):
+            self.tb = None
+
+    def __call__(self, trainer: bk.trainers.BilevelTrainer, logs: dict) -> None:
+        epoch = logs["epoch"] + 1
+        val = self.val_loss(trainer)
+        logs["val_loss_full"] = val
+        mean_train = sum(logs["train_loss"]) / max(len(logs["train_loss"]), 1)
+        mean_val = sum(val) / len(val)
+        new_file = not (self.out / "train_log.csv").exists()
+        with open(self.out / "train_log.csv", "a", newline="") as fh:
+            w = csv.writer(fh)
+            if new_file:
+                w.writerow(["epoch", "seconds", "train_loss", "val_loss",
+                            *[f"val_{t}" for t in trainer.task_names]])
+            w.writerow([epoch, f"{time.perf_counter() - self.start:.2f}", f"{mean_train:.6g}",
+                        f"{mean_val:.6g}", *[f"{v:.6g}" for v in val]])
+        W = trainer.weights.reshape(len(trainer.group_names), -1).cpu()
+        new_file = not (self.out / "weights.csv").exists()
+        with open(self.out / "weights.csv", "a", newline="") as fh:
+            w = csv.writer(fh)
+            if new_file:
+                w.writerow(["epoch", "group", *trainer.task_names])
+            for g, row in zip(trainer.group_names, W.tolist()):
+                w.writerow([epoch, g, *[f"{x:.6f}" for x in row]])
+        if self.tb is not None:
+            self.tb.add_scalar("loss/train", mean_train, epoch)
+            self.tb.add_scalar("loss/val", mean_val, epoch)
+        state = {**self.meta, "trainer": trainer.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "best": min(self.best, mean_val)}
+        save_atomic(state, self.out / "checkpoint.pt")
+        if mean_val < self.best:
+            self.best = mean_val
+            save_atomic(state, self.out / "best.pt")
+        log.info("epoch %d: train %.5f  val %.5f  W range [%.3f, %.3f]", epoch, mean_train,
+                 mean_val, float(W.min()), float(W.max()))
+        self.bar.set_postfix(train=f"{mean_train:.4f}", val=f"{mean_val:.4f}")
+        self.bar.update(1)
+
+
+def setup_logging(out: Path, rank: int) -> None:
+    log.handlers.clear()
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if rank == 0:
+        handler = logging.FileHandler(out / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+
+
+def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> dict | None:
+    """Train, evaluate and write the outputs; ``given`` names options set on the command line
+    (with ``resume`` only those override the checkpoint's configuration)."""
+    from tqdm.auto import tqdm
+
+    from applications.mri import figures
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    device = pick_device(cfg.device)
+    if device.type == "cuda" and distributed:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if cfg.batch_size % world:
+        raise UsageError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    out = Path(cfg.out).expanduser()
+    state = None
+    if resume:
+        state = load_checkpoint(out / "checkpoint.pt", "cpu")
+        cfg = dataclasses.replace(TrainConfig(**state["config"]),
+                                  **{k: getattr(cfg, k) for k in given if hasattr(cfg, k)})
+    elif rank == 0 and out.exists() and any((out / f).exists() for f in ("checkpoint.pt", "config.toml")):
+        raise UsageError(f"--out {out} holds another run; pass --resume to continue it or choose "
+                         "another --out")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_toml(out / "config.toml", cfg)
+    setup_logging(out, rank)
+    t0 = time.perf_counter()
+
+    root = data_root(cfg, rank)
+    dataset = SliceDataset(root)
+    plan = split(dataset, cfg)
+    coils = dataset[0]["kspace"].shape[0]
+    transform = ReconTransform(seed=cfg.seed, sense=cfg.operator == "sense")
+    groups = [CachedSubset(dataset, plan["parts"][t]["train"], transform) for t in plan["seen"]]
+    if cfg.val_tasks == "anatomy":
+        val_names = sorted({family(t) for t in plan["seen"]})
+        val_index = {v: [i for t in plan["seen"] if family(t) == v for i in plan["parts"][t]["val"]]
+                     for v in val_names}
+    else:
+        val_names = list(plan["seen"])
+        val_index = {t: plan["parts"][t]["val"] for t in plan["seen"]}
+    val_sets = [CachedSubset(dataset, val_index[v], transform) for v in val_names]
+
+    torch.manual_seed(cfg.seed)
+    net_cfg = NetworkConfig(coils=coils, phases=cfg.phases, width=cfg.width, depth=cfg.depth,
+                            kernel=cfg.kernel, kspace_width=cfg.width, initial=cfg.initial,
+                            operator=cfg.operator)
+    model = UnrolledRecon(net_cfg).to(device)
+    recon = ReconLoss()
+    keys = ("kspace", "mask", "sens")
+    loss = bk.trainers.TerminalLoss(
+        context=lambda b: {k: b[k] for k in keys if k in b}, terminal=recon.terminal,
+        initial=recon.initial if cfg.initial == "kspace_cnn" else None)
+    shared = ("initial_net",) if cfg.share_initial and cfg.initial == "kspace_cnn" else ()
+    trainer = bk.trainers.BilevelTrainer(
+        model, loss, groups, val_sets, group_names=plan["seen"], task_names=val_names,
+        mode=cfg.mode, normalizer=cfg.normalizer, hypergrad=hypergradient(cfg),
+        inner_lr=cfg.inner_lr, lower_steps=cfg.lower_steps, upper_steps=cfg.upper_steps,
+        lr=cfg.lr, meta_lr=cfg.meta_lr, batch_size=cfg.batch_size, val_batch_size=cfg.batch_size,
+        shared=shared, costate=costate_solver(cfg.costate, cfg.checkpoints), seed=cfg.seed,
+        collate=lambda items: {k: v.to(device) for k, v in default_collate(items).items()})
+    if state is not None:
+        trainer.load_state_dict(state["trainer"])
+        torch.set_rng_state(state["torch_rng"])
+
+    @torch.no_grad()
+    def val_loss(tr: bk.trainers.BilevelTrainer) -> list[float]:
+        values = []
+        for j, m in enumerate(tr.models):
+            batch = tr.sampler.collate([tr.val_tasks[j][i] for i in range(len(tr.val_tasks[j]))])
+            values.append(float(loss(m, batch)))
+        return values
+
+    meta = {"config": dataclasses.asdict(cfg), "network": dataclasses.asdict(net_cfg),
+            "task_names": val_names, "group_names": plan["seen"], "seen_tasks": plan["seen"],
+            "unseen_tasks": plan["unseen"], "best": state.get("best", float("inf")) if state else float("inf")}
+    log.info("data %s: seen %s, unseen %s; W is %d groups x %d validation tasks", root,
+             plan["seen"], plan["unseen"], len(groups), len(val_sets))
+    bar = tqdm(total=cfg.epochs, initial=trainer.epoch, desc=f"{cfg.mode} training", unit="epoch",
+               disable=rank != 0)
+    if rank == 0:
+        trainer.callbacks.append(Recorder(out, cfg, meta, bar, val_loss))
+    trainer.fit(cfg.epochs)
+    bar.close()
+    train_seconds = time.perf_counter() - t0
+    if rank != 0:
+        return None
+
+    models = {name: m.eval() for name, m in zip(val_names, trainer.models)}
+    model_of = {t: (family(t) if cfg.val_tasks == "anatomy" else t) for t in plan["seen"]}
+    test_index = [i for t in plan["parts"] for i in plan["parts"][t]["test"]]
+    from applications.mri.evaluate import group_files
+    files = group_files(dataset, test_index, transform)
+    by_task_models = {**models, **{t: models[v] for t, v in model_of.items()}}
+    results, rows = evaluate_tasks(by_task_models, files, plan["seen"], device,
+                                   progress=lambda it: tqdm(it, desc="evaluating", unit="task"))
+    results.update({"mode": cfg.mode, "train_seconds": train_seconds,
+                    "total_seconds": time.perf_counter() - t0, "epochs": trainer.epoch,
+                    "weights": {"groups": plan["seen"], "tasks": val_names,
+                                "W": trainer.weights.reshape(len(groups), -1).cpu().tolist()}})
+    (out / "metrics.json").write_text(json.dumps(results, indent=2))
+    figures.reconstructions(out / "reconstructions.png", rows)
+    figures.weight_heatmap(out / "weights.png", trainer.weights.cpu(), plan["seen"], val_names)
+    figures.training_curves(out / "curves.png", trainer.history, task_names=val_names)
+    summary = table(results)
+    log.info("\n%s", summary)
+    print(summary)
+    print(f"\n{cfg.mode} run: trained in {train_seconds:.0f}s, total {results['total_seconds']:.0f}s; "
+          f"outputs in {out}/")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg, args = resolve(argv)
+        run(cfg, getattr(args, "resume", False), given=list(vars(args)))
+    except (UsageError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
