@@ -199,13 +199,16 @@ class BilevelTrainer:
 
     One epoch: ``lower_steps`` times, draw a minibatch of every group and take one optimizer
     step (Adam, ``lr``) on ``Σ_j Σ_i W_ij ℓ(θ^(j); B_i)`` (groups with ``W_ij = 0`` are not
-    evaluated); then ``upper_steps`` times, compute each column's hypergradient with
+    evaluated; ``groups_per_step = g`` replaces the sum over all N groups by an unbiased
+    estimate from g groups drawn from ``W_:j``, so a step costs g instead of N); then ``upper_steps`` times, compute each column's hypergradient with
     ``hypergrad`` (default ``Unrolled(steps=1, lr=inner_lr)``) on fresh minibatches and take an
     Adam step (``meta_lr``) on Ω. ``mode="joint"`` keeps Ω = 0: uniform weights, the baseline.
     ``costate`` (with a :class:`TerminalLoss`) trains the lower level by a costate solver.
 
-    A non-finite loss, gradient or hypergradient raises :class:`NonFiniteError` naming the
-    epoch and task before anything is updated.
+    ``callbacks(trainer, logs)`` run after every epoch (logging, checkpoints),
+    ``step_callbacks(trainer, "lower" | "upper", losses)`` after every step (progress bars). A
+    non-finite loss, gradient or hypergradient raises :class:`NonFiniteError` naming the epoch
+    and task before anything is updated.
     """
 
     def __init__(
@@ -227,11 +230,13 @@ class BilevelTrainer:
         meta_lr: float = 0.1,
         batch_size: int | None = 8,
         val_batch_size: int | None = None,
+        groups_per_step: int | None = None,
         shared: Sequence[str] = (),
         costate: Any = None,
         seed: int = 0,
         collate: Callable = default_collate,
         callbacks: Sequence[Callback] = (),
+        step_callbacks: Sequence[Callable[[Any, str, list[float]], None]] = (),
     ):
         if not train_groups or not val_tasks:
             raise ValueError("BilevelTrainer needs at least one training group and one "
@@ -251,7 +256,11 @@ class BilevelTrainer:
         self.hypergrad = hypergrad or hg.Unrolled(steps=1, lr=inner_lr)
         self.lower_steps, self.upper_steps = lower_steps, upper_steps
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        if groups_per_step is not None and (not isinstance(groups_per_step, int) or groups_per_step < 1):
+            raise ValueError(f"groups_per_step must be None or an integer >= 1, got {groups_per_step!r}")
+        self.groups_per_step = groups_per_step
         self.costate, self.callbacks = costate, list(callbacks)
+        self.step_callbacks = list(step_callbacks)
 
         self.models = nn.ModuleList(copy.deepcopy(model) for _ in range(M))
         for name in shared:
@@ -286,17 +295,29 @@ class BilevelTrainer:
         omega = self.omega if self.omega.dim() == 1 else self.omega[:, j]
         return omega, self.normalizer(omega.detach(), dim=0)
 
+    def _lower_terms(self, j: int) -> list[tuple[int, Tensor]]:
+        """``(i, c_i)`` with ``Σ_i c_i ℓ_i`` the task's lower-level loss: ``c = W_:j`` over the
+        groups with positive weight or, with ``groups_per_step = g``, the unbiased estimate
+        from ``g`` groups drawn from ``W_:j`` (``c_i`` = draws of ``i`` / ``g``)."""
+        _, w = self._column(j)
+        if self.groups_per_step is None:
+            return [(i, w[i]) for i in range(len(w)) if float(w[i]) > 0]
+        draws = torch.multinomial(w.cpu(), self.groups_per_step, replacement=True,
+                                  generator=self.sampler.generator)
+        counts = torch.bincount(draws, minlength=len(w)).to(w)
+        return [(i, counts[i] / self.groups_per_step) for i in range(len(w)) if counts[i] > 0]
+
     def lower_step(self) -> list[float]:
         """One optimizer step on ``Σ_j Σ_i W_ij ℓ(θ^(j); B_i)``; returns each task's loss."""
         self.optimizer.zero_grad(set_to_none=True)
-        batches = [self.sampler.batch(g, self.batch_size) for g in self.train_groups]
+        batches: dict[int, Any] = {}
         losses = []
         for j, model in enumerate(self.models):
-            _, w = self._column(j)
-            total = torch.zeros((), device=w.device)
-            for i, batch in enumerate(batches):
-                if float(w[i]) > 0:
-                    total = total + w[i] * _backward(model, self.loss, batch, w[i], self.costate)
+            total = torch.zeros((), dtype=self.omega.dtype, device=self.omega.device)
+            for i, c in self._lower_terms(j):
+                if i not in batches:
+                    batches[i] = self.sampler.batch(self.train_groups[i], self.batch_size)
+                total = total + c * _backward(model, self.loss, batches[i], c, self.costate)
             losses.append(total)
         params = self._unique_params()
         _all_reduce([*losses, *(p.grad for p in params if p.grad is not None)])
@@ -361,8 +382,13 @@ class BilevelTrainer:
 
     def run_epoch(self) -> dict:
         """Lower steps, then (in meta mode) upper steps; returns the epoch's logs."""
-        train = [self.lower_step() for _ in range(self.lower_steps)]
-        val = [self.upper_step() for _ in range(self.upper_steps)] if self.mode == "meta" else []
+        train, val = [], []
+        for kind, step, out in (("lower", self.lower_step, train), ("upper", self.upper_step, val)):
+            for _ in range(self.lower_steps if kind == "lower" else
+                           self.upper_steps if self.mode == "meta" else 0):
+                out.append(step())
+                for cb in self.step_callbacks:
+                    cb(self, kind, out[-1])
         mean = lambda rows: [sum(c) / len(c) for c in zip(*rows)] if rows else []  # noqa: E731
         logs = {"epoch": self.epoch, "train_loss": mean(train), "val_loss": mean(val),
                 "weights": self.weights.cpu().tolist()}

@@ -60,24 +60,37 @@ class ReconTransform:
         item = {"kspace": out["kspace"], "mask": out["mask"], "target": out["target"],
                 "coil_target": fft.ifft2c(full), "scale": out["scale"]}
         if self.sense:
-            item["sens"] = sensitivities.estimate(out["kspace"], self.calib)
+            item["sens"] = coil_maps(out["kspace"], self.calib)
         return item
 
 
 class CachedSubset(torch.utils.data.Dataset):
-    """Transformed samples of ``indices`` of a dataset, each computed once and kept."""
+    """The slices ``indices`` of a dataset, transformed, read from disk once.
 
-    def __init__(self, dataset: SliceDataset, indices: Sequence[int], transform: Callable):
-        self.dataset, self.indices, self.transform = dataset, list(indices), transform
+    With one transform the transformed samples are kept; with several (e.g. the same
+    undersampling with different mask seeds, for augmentation) the dataset has
+    ``len(indices) × len(transforms)`` deterministic items, the raw slices are kept and item
+    ``v·n + i`` is slice ``i`` under transform ``v``.
+    """
+
+    def __init__(self, dataset: SliceDataset, indices: Sequence[int],
+                 transforms: Callable | Sequence[Callable]):
+        self.dataset, self.indices = dataset, list(indices)
+        self.transforms = list(transforms) if isinstance(transforms, Sequence) else [transforms]
         self.cache: dict[int, dict] = {}
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.indices) * len(self.transforms)
 
     def __getitem__(self, i: int) -> dict:
-        if i not in self.cache:
-            self.cache[i] = self.transform(self.dataset[self.indices[i]])
-        return self.cache[i]
+        n = len(self.indices)
+        if len(self.transforms) == 1:
+            if i not in self.cache:
+                self.cache[i] = self.transforms[0](self.dataset[self.indices[i]])
+            return self.cache[i]
+        if i % n not in self.cache:
+            self.cache[i % n] = self.dataset[self.indices[i % n]]
+        return self.transforms[i // n](self.cache[i % n])
 
 
 def family(task: str) -> str:

@@ -3,7 +3,8 @@
 State: coil images ``u`` (B, C, H, W) complex (calibration-free, the default) or one image
 ``v`` stored as (B, 1, H, W) when coil sensitivities are given (SENSE). Phases:
 
-    x_0 = F_0(f; θ_0):  û = F⁻¹(f + K_{θ_0}(f))             residual k-space CNN (or zero-filled)
+    x_0 = F_0(f; θ_0):  û = F⁻¹(f + K_{θ_0}(f))             residual k-space CNN (or zero-filled,
+                                                            or, with SENSE, 10 CG-SENSE iterations)
     b_t = u_{t-1} − ρ_t Aᴴ(A u_{t-1} − f)                     gradient step, learned ρ_t
     u_t = b_t + J̃_t G̃_t S_{α_t} G_t J_t (b_t)                 residual learned proximal map
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bilevelkit as bk
-from applications.mri import operators
+from applications.mri import baselines, operators
 from applications.mri.fft import ifft2c
 
 
@@ -38,7 +39,7 @@ class NetworkConfig:
     depth: int = 2
     kernel: int = 3
     kspace_width: int = 16
-    initial: str = "kspace_cnn"   # or "zero_filled"
+    initial: str = "kspace_cnn"   # or "zero_filled", or "cg_sense" (operator "sense" only)
     operator: str = "coil"        # or "sense" (ctx must carry "sens")
     rho: float = 0.5
     alpha: float = 0.01
@@ -50,8 +51,11 @@ class NetworkConfig:
                 raise ValueError(f"network {name} must be an integer >= 1, got {value!r}")
         if self.kernel % 2 == 0:
             raise ValueError(f"network kernel must be odd (same-size convolutions), got {self.kernel}")
-        if self.initial not in ("kspace_cnn", "zero_filled"):
-            raise ValueError(f"initial must be 'kspace_cnn' or 'zero_filled', got {self.initial!r}")
+        if self.initial not in ("kspace_cnn", "zero_filled", "cg_sense"):
+            raise ValueError(f"initial must be 'kspace_cnn', 'zero_filled' or 'cg_sense', got "
+                             f"{self.initial!r}")
+        if self.initial == "cg_sense" and self.operator != "sense":
+            raise ValueError("initial='cg_sense' needs operator='sense' (coil sensitivities)")
         if self.operator not in ("coil", "sense"):
             raise ValueError(f"operator must be 'coil' or 'sense', got {self.operator!r}")
 
@@ -141,6 +145,8 @@ class UnrolledRecon(bk.Dynamics):
     def initial(self, ctx: dict) -> Tensor:
         self._check(ctx)
         f = ctx["kspace"]
+        if self.cfg.initial == "cg_sense":  # parameter-free warm start: 10 CG-SENSE iterations
+            return baselines.cg_sense(f, ctx["mask"], ctx["sens"], iters=10).unsqueeze(1)
         if self.cfg.initial == "kspace_cnn":
             f = f + to_complex(self.initial_net(to_channels(f)))
         u = ifft2c(f)

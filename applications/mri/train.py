@@ -57,8 +57,9 @@ class TrainConfig:
     unseen: list = field(default_factory=list)   # extra tasks to hold out from training
     size: list = field(default_factory=lambda: [64, 64])
     coils: int = 8
-    slices: int = 4
-    volumes: int = 4
+    slices: int = 6
+    volumes: int = 6
+    mask_variants: int = 16
     mode: str = "meta"
     val_tasks: str = "anatomy"
     normalizer: str = "softmax"
@@ -75,19 +76,20 @@ class TrainConfig:
     initial: str = "kspace_cnn"
     operator: str = "coil"
     share_initial: bool = True
-    epochs: int = 30
-    lower_steps: int = 2
+    epochs: int = 25
+    lower_steps: int = 10
+    groups_per_step: int = 2
     upper_steps: int = 1
     batch_size: int = 2
-    lr: float = 2e-3
+    lr: float = 3e-3
     meta_lr: float = 0.1
     seed: int = 0
     device: str = "auto"
     threads: int = 0
 
 
-QUICK = dict(size=[64, 64], coils=4, slices=2, volumes=3, phases=2, width=6, epochs=3,
-             lower_steps=1, tasks=["brain_t1_random4", "knee_pd_equispaced4",
+QUICK = dict(size=[64, 64], coils=4, slices=2, volumes=3, mask_variants=2, phases=2, width=6, epochs=3,
+             lower_steps=1, groups_per_step=0, tasks=["brain_t1_random4", "knee_pd_equispaced4",
                                    "knee_t2_random6", "knee_pd_random8"])
 
 CHOICES = {"mode": ("meta", "joint"), "val_tasks": ("anatomy", "task"),
@@ -95,7 +97,7 @@ CHOICES = {"mode": ("meta", "joint"), "val_tasks": ("anatomy", "task"),
            "hypergrad": ("unrolled", "first-order", "implicit"),
            "hypergrad_costate": ("autograd", "sweep", "checkpointed"),
            "costate": ("autograd", "sweep", "checkpointed"),
-           "initial": ("kspace_cnn", "zero_filled"), "operator": ("coil", "sense"),
+           "initial": ("kspace_cnn", "zero_filled", "cg_sense"), "operator": ("coil", "sense"),
            "device": ("auto", "cpu", "cuda")}
 
 HELP = {
@@ -106,6 +108,7 @@ HELP = {
     "tasks": "use only these tasks", "unseen": "hold these tasks out of training (evaluated only)",
     "size": "image size H W of the synthetic data", "coils": "coils of the synthetic data",
     "slices": "slices per synthetic volume", "volumes": "synthetic volumes per task",
+    "mask_variants": "undersampling masks per training slice (augmentation; masks differ by seed)",
     "mode": "meta: learn W = σ(Ω); joint: uniform weights (the baseline)",
     "val_tasks": "validation tasks: one per anatomy, or one per seen task",
     "normalizer": "σ, normalising each column of Ω onto the simplex",
@@ -116,10 +119,13 @@ HELP = {
     "costate": "costate solver of the lower level", "checkpoints": "states kept by --costate checkpointed",
     "phases": "unrolled phases T", "width": "feature channels of the phase CNNs",
     "depth": "convolutions per CNN", "kernel": "convolution kernel size (odd)",
-    "initial": "initial network F_0", "operator": "coil: calibration-free; sense: ESPIRiT maps",
+    "initial": "initial network F_0 (cg_sense: 10 CG-SENSE iterations, needs --operator sense)",
+    "operator": "coil: calibration-free; sense: ESPIRiT maps estimated from the sampled centre",
     "share_initial": "share F_0 across the task models",
     "epochs": "epochs (each: lower steps, then upper steps)",
     "lower_steps": "lower-level Adam steps per epoch", "upper_steps": "Ω steps per epoch",
+    "groups_per_step": "training groups drawn from W per lower step and task (an unbiased, "
+                       "cheaper estimate of the weighted sum); 0: all groups",
     "batch_size": "slices per training group in a minibatch", "lr": "lower-level Adam learning rate",
     "meta_lr": "Adam learning rate of Ω", "seed": "seed of data, masks, initialisation and minibatches",
     "device": "auto picks CUDA when present", "threads": "torch CPU threads (0: torch's default)",
@@ -129,8 +135,8 @@ HELP = {
 # --- configuration ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m applications.mri.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(prog="python -m applications.mri.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--config", metavar="FILE.toml", help="options from a TOML file (CLI overrides it)")
     p.add_argument("--quick", action="store_true", help="tiny configuration for smoke tests (~1 min)")
@@ -143,8 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
             kw["choices"] = CHOICES[f.name]
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == "size":
+            p.add_argument(flag, nargs=2, type=int, metavar=("H", "W"), **kw)
         elif isinstance(default, list):
-            p.add_argument(flag, nargs="+", type=int if f.name == "size" else str, **kw)
+            p.add_argument(flag, nargs="+", metavar="TASK", **kw)
         else:
             p.add_argument(flag, type=type(default), **kw)
     return p
@@ -187,12 +195,12 @@ def validate(cfg: TrainConfig) -> None:
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
             raise UsageError(f"{name} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
-    for name in ("coils", "slices", "volumes", "phases", "width", "depth", "kernel", "epochs",
+    for name in ("coils", "slices", "volumes", "mask_variants", "phases", "width", "depth", "kernel", "epochs",
                  "batch_size", "inner_steps", "checkpoints"):
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 1:
             raise UsageError(f"{name} must be an integer >= 1, got {value!r}")
-    for name in ("lower_steps", "upper_steps", "threads"):
+    for name in ("lower_steps", "upper_steps", "threads", "groups_per_step"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 0:
             raise UsageError(f"{name} must be an integer >= 0, got {getattr(cfg, name)!r}")
     if len(cfg.size) != 2 or min(cfg.size) < 16:
@@ -202,6 +210,8 @@ def validate(cfg: TrainConfig) -> None:
             raise UsageError(f"{name} must be > 0, got {getattr(cfg, name)}")
     if cfg.kernel % 2 == 0:
         raise UsageError(f"kernel must be odd, got {cfg.kernel}")
+    if cfg.initial == "cg_sense" and cfg.operator != "sense":
+        raise UsageError("--initial cg_sense needs --operator sense")
     if not cfg.data:
         unknown = [t for t in [*cfg.tasks, *cfg.unseen] if t not in phantoms.TASKS]
         if unknown:
@@ -396,7 +406,9 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
     plan = split(dataset, cfg)
     coils = dataset[0]["kspace"].shape[0]
     transform = ReconTransform(seed=cfg.seed, sense=cfg.operator == "sense")
-    groups = [CachedSubset(dataset, plan["parts"][t]["train"], transform) for t in plan["seen"]]
+    variants = [ReconTransform(seed=cfg.seed + 1000 * (v + 1), sense=cfg.operator == "sense")
+                for v in range(cfg.mask_variants)]
+    groups = [CachedSubset(dataset, plan["parts"][t]["train"], variants) for t in plan["seen"]]
     if cfg.val_tasks == "anatomy":
         val_names = sorted({family(t) for t in plan["seen"]})
         val_index = {v: [i for t in plan["seen"] if family(t) == v for i in plan["parts"][t]["val"]]
@@ -422,6 +434,7 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
         mode=cfg.mode, normalizer=cfg.normalizer, hypergrad=hypergradient(cfg),
         inner_lr=cfg.inner_lr, lower_steps=cfg.lower_steps, upper_steps=cfg.upper_steps,
         lr=cfg.lr, meta_lr=cfg.meta_lr, batch_size=cfg.batch_size, val_batch_size=cfg.batch_size,
+        groups_per_step=cfg.groups_per_step or None,
         shared=shared, costate=costate_solver(cfg.costate, cfg.checkpoints), seed=cfg.seed,
         collate=lambda items: {k: v.to(device) for k, v in default_collate(items).items()})
     if state is not None:
@@ -443,9 +456,20 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
              plan["seen"], plan["unseen"], len(groups), len(val_sets))
     bar = tqdm(total=cfg.epochs, initial=trainer.epoch, desc=f"{cfg.mode} training", unit="epoch",
                disable=rank != 0)
+    steps = tqdm(total=cfg.lower_steps + (cfg.upper_steps if cfg.mode == "meta" else 0),
+                 desc="steps", unit="step", leave=False, disable=rank != 0)
+
+    def step_done(tr: bk.trainers.BilevelTrainer, kind: str, losses: list[float]) -> None:
+        if steps.n >= steps.total:
+            steps.reset()
+        steps.set_postfix({f"{kind} loss": f"{sum(losses) / len(losses):.4f}"})
+        steps.update(1)
+
+    trainer.step_callbacks.append(step_done)
     if rank == 0:
         trainer.callbacks.append(Recorder(out, cfg, meta, bar, val_loss))
     trainer.fit(cfg.epochs)
+    steps.close()
     bar.close()
     train_seconds = time.perf_counter() - t0
     if rank != 0:

@@ -210,3 +210,29 @@ def test_initial_state_loss_reaches_theta_0_like_autograd():
     for n, g in grads[0][1].items():
         torch.testing.assert_close(grads[1][1][n], g, rtol=1e-10, atol=1e-14)
     assert grads[0][1]["W0"].abs().sum() > 0
+
+
+def test_sampled_groups_still_clean_the_data():
+    """groups_per_step draws groups from W: an unbiased, cheaper lower level that still works."""
+    train, val = cleaning_problem()
+    trainer = BilevelTrainer(linear(), mse, train, val, groups_per_step=2,
+                             hypergrad=bk.hypergrad.Unrolled(steps=3, lr=0.1), lr=0.05,
+                             meta_lr=0.3, batch_size=16, seed=1, lower_steps=3)
+    trainer.fit(60)
+    for i in (1, 4):
+        assert float(trainer.weights[i]) < 0.5 / 6
+    with pytest.raises(ValueError, match="groups_per_step must be None or an integer >= 1"):
+        BilevelTrainer(linear(), mse, train, val, groups_per_step=0)
+
+
+def test_sampled_lower_level_is_unbiased():
+    train, val = cleaning_problem()
+    trainer = BilevelTrainer(linear(), mse, train, val, groups_per_step=3)
+    with torch.no_grad():
+        trainer.omega.copy_(torch.linspace(-1, 1, 6, dtype=DT))
+    W = trainer.weights
+    draws = torch.zeros(6, dtype=DT)
+    for _ in range(2000):
+        for i, c in trainer._lower_terms(0):
+            draws[i] += c
+    torch.testing.assert_close(draws / 2000, W, atol=0.02, rtol=0)

@@ -58,3 +58,14 @@ def test_bad_configuration_and_input():
     sense = UnrolledRecon(NetworkConfig(coils=3, phases=1, operator="sense"))
     with pytest.raises(ValueError, match="needs coil sensitivities"):
         sense.rollout({"kspace": batch()["kspace"], "mask": batch()["mask"]})
+
+
+def test_cg_sense_warm_start_is_exact_and_needs_sense():
+    torch.manual_seed(0)
+    net = UnrolledRecon(NetworkConfig(coils=3, phases=2, width=4, operator="sense", initial="cg_sense"))
+    b = batch(sense=True)
+    ctx = {k: b[k] for k in ("kspace", "mask", "sens")}
+    b64 = bk.testing.to_float64(b)
+    bk.testing.check_dynamics(net, ctx, lambda u: ReconLoss().terminal(u, b64))
+    with pytest.raises(ValueError, match="initial='cg_sense' needs operator='sense'"):
+        NetworkConfig(initial="cg_sense")

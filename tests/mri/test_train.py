@@ -129,3 +129,26 @@ def test_two_processes_match_one(tmp_path, cache):
     torch.testing.assert_close(omega_b, omega_a, rtol=1e-4, atol=1e-6)
     for k in models_a:
         torch.testing.assert_close(models_b[k], models_a[k], rtol=1e-3, atol=1e-5)
+
+
+def test_hypergradient_costate_option_gives_the_same_weights(tmp_path, cache):
+    """--hypergrad-costate sweep computes the unrolled hypergradient through the inner loop's
+    costate sweep: the learned Ω matches the autograd route."""
+    outs = {}
+    for route in ("autograd", "sweep"):
+        outs[route] = tmp_path / route
+        assert train.main(quick(outs[route], cache, "--epochs", "1", "--hypergrad-costate", route,
+                                "--inner-steps", "2")) == 0
+    _, omega_a, _ = final_weights(outs["autograd"])
+    _, omega_b, _ = final_weights(outs["sweep"])
+    assert not torch.equal(omega_a, torch.zeros_like(omega_a))
+    torch.testing.assert_close(omega_b, omega_a, rtol=1e-4, atol=1e-7)
+
+
+def test_sense_operator_with_cg_warm_start(tmp_path, cache):
+    out = tmp_path / "sense"
+    assert train.main(quick(out, cache, "--epochs", "1", "--operator", "sense",
+                            "--initial", "cg_sense")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tasks"]["brain_t1_random4"]["model"]["psnr"] > 15
+    assert train.main(quick(tmp_path / "bad", cache, "--initial", "cg_sense")) == 2
