@@ -1,0 +1,83 @@
+"""Reconstruction quality: meta-learned weights vs uniform weights on the same budget.
+
+Runs ``python -m applications.mri.train`` in ``--mode meta`` and ``--mode joint`` (and, with
+``--sense``, the SENSE network started from CG-SENSE) on the synthetic catalogue with the same
+options, then prints a table of mean PSNR/SSIM over the seen and the unseen tasks for the model,
+zero-filled and CG-SENSE, per-task PSNR, and the training time; writes the table as JSON and as
+Markdown (for docs/benchmarks.md)::
+
+    python benchmarks/recon.py --epochs 50 --out benchmarks/results/recon
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from applications.mri import train
+
+VARIANTS = {
+    "meta": ["--mode", "meta"],
+    "joint": ["--mode", "joint"],
+    "meta-sense": ["--mode", "meta", "--operator", "sense", "--initial", "cg_sense"],
+    "joint-sense": ["--mode", "joint", "--operator", "sense", "--initial", "cg_sense"],
+}
+
+
+def run(name: str, extra: list[str], out: Path, cache: str, epochs: int) -> dict:
+    folder = out / name
+    if (folder / "metrics.json").exists():  # reuse a finished run
+        return json.loads((folder / "metrics.json").read_text())
+    argv = [*VARIANTS[name], "--epochs", str(epochs), "--out", str(folder), "--cache", cache, *extra]
+    if train.main(argv) != 0:
+        raise SystemExit(f"training {name} failed")
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def markdown(results: dict[str, dict], epochs: int) -> str:
+    lines = [f"Synthetic catalogue, {epochs} epochs each; mean over tasks (fastMRI PSNR in dB / SSIM).",
+             "",
+             "| run | seen: model | seen: zero-filled | seen: CG-SENSE | unseen: model | unseen: zero-filled | unseen: CG-SENSE | train s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        cells = []
+        for group in ("seen", "unseen"):
+            for m in ("model", "zero_filled", "cg_sense"):
+                v = r["mean"][group][m]
+                cells.append(f"{v['psnr']:.2f} / {v['ssim']:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['train_seconds']:.0f} |")
+    tasks = sorted({t for r in results.values() for t in r["tasks"]})
+    lines += ["", "Per task, model PSNR (dB):", "",
+              "| task | " + " | ".join(results) + " | CG-SENSE |",
+              "|---|" + "---|" * (len(results) + 1)]
+    for t in tasks:
+        first = next(iter(results.values()))["tasks"][t]
+        row = [f"{r['tasks'][t]['model']['psnr']:.2f}" for r in results.values()]
+        kind = "" if first["seen"] else " (unseen)"
+        lines.append(f"| {t}{kind} | " + " | ".join(row) + f" | {first['cg_sense']['psnr']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--epochs", type=int, default=50, help="epochs of every run (default: twice the CLI's)")
+    p.add_argument("--out", default="benchmarks/results/recon", help="folder of the runs and the tables")
+    p.add_argument("--cache", default="~/.cache/bilevelkit/synthetic", help="synthetic data cache")
+    p.add_argument("--sense", action="store_true", help="also run the SENSE network (CG-SENSE warm start)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="run just these variants")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    names = ["meta", "joint"] + (["meta-sense", "joint-sense"] if args.sense else [])
+    names = args.only or names
+    results = {n: run(n, ["--threads", str(args.threads)], out, args.cache, args.epochs) for n in names}
+    table = markdown(results, args.epochs)
+    print(table)
+    (out / "recon.md").write_text(table + "\n")
+    summary = {n: {"mean": r["mean"], "train_seconds": r["train_seconds"],
+                   "tasks": {t: v["model"] for t, v in r["tasks"].items()}} for n, r in results.items()}
+    (out / "recon.json").write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
