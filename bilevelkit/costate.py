@@ -194,7 +194,7 @@ class _Sweep:
             raise _unused_error(unused)
         value, pullback = vjp(lambda x: check_loss(self.loss(x)), x_T)
         self.value, self.output = value.detach(), x_T
-        (lam,) = pullback(torch.ones_like(value))
+        (lam,) = pullback(torch.ones_like(value), retain_graph=False)
         return x_T, lam
 
     def vjp(self, t: int, x_prev: Tensor | None, lam: Tensor) -> Tensor | None:
@@ -209,12 +209,12 @@ class _Sweep:
                 return None
             _, pullback = vjp(lambda p: functional_call(self.dynamics, p, (0, None, self.ctx)),
                               primals)
-            (g,) = pullback(lam)
+            (g,) = pullback(lam, retain_graph=False)
             lam_prev = None
         else:
             _, pullback = vjp(lambda x, p: functional_call(self.dynamics, p, (t, x, self.ctx)),
                               x_prev.detach(), primals)
-            lam_prev, g = pullback(lam)
+            lam_prev, g = pullback(lam, retain_graph=False)
         for n, v in g.items():
             self.grads[n] = v if n not in self.grads else self.grads[n] + v
         return lam_prev
