@@ -39,7 +39,7 @@ import bilevelkit as bk
 from applications.mri import phantoms
 from applications.mri.data import DataError, SliceDataset, generate
 from applications.mri.evaluate import (CachedSubset, ReconTransform, UsageError, evaluate_tasks,
-                                       family, load_checkpoint, pick_device, table)
+                                       family, group_files, load_checkpoint, pick_device, table)
 from applications.mri.losses import ReconLoss
 from applications.mri.network import NetworkConfig, UnrolledRecon
 
@@ -318,7 +318,7 @@ class Recorder:
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(out / "tensorboard"))
-        except (ImportError, ModuleNotFoundError):
+        except ImportError:
             self.tb = None
 
     def __call__(self, trainer: bk.trainers.BilevelTrainer, logs: dict) -> None:
@@ -479,7 +479,6 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
     models = {name: m.eval() for name, m in zip(val_names, trainer.models)}
     model_of = {t: (family(t) if cfg.val_tasks == "anatomy" else t) for t in plan["seen"]}
     test_index = [i for t in plan["parts"] for i in plan["parts"][t]["test"]]
-    from applications.mri.evaluate import group_files
     files = group_files(dataset, test_index, transform)
     by_task_models = {**models, **{t: models[v] for t, v in model_of.items()}}
     results, rows = evaluate_tasks(by_task_models, files, plan["seen"], device,
