@@ -46,8 +46,9 @@ for small k on this non-convex problem): such rows are reported as failed, and
   of the resident high-water mark during one meta-step (``_memory.PeakMemory``: ``ru_maxrss``
   after resetting it to the current RSS), median of ``--mem-repeats`` processes; ``×k=1`` is
   the growth relative to the same strategy at k = 1.
-* ``--profile``: where a costate sweep's time goes at the largest k (per-phase costs with
-  torch.func and with plain autograd, phase-evaluation counts of each checkpoint budget), and
+* ``--profile``: where a costate sweep's time goes at the largest k (per-phase costs of the
+  library's sweep and of a hand-written one, phase-evaluation counts of each checkpoint
+  budget), and
   the costate sweeps' RSS growth against the C heap in use (glibc ``mallinfo2``), which counts
   the live tensors without the allocator's fragmentation.
 
@@ -496,7 +497,7 @@ def _loop(prob: dict, k: int, cls: type = InnerLoop) -> InnerLoop:
 
 
 def plain_adjoint(prob: dict, k: int) -> Tensor:
-    """What a costate sweep costs with plain autograd instead of torch.func (SGD only).
+    """A hand-written costate sweep with no library code: the floor for the sweeps (SGD only).
 
     Forward: k gradient steps without a graph, iterates stored. Backward: per step, one
     gradient with ``create_graph`` at the stored iterate and one ``autograd.grad`` of
@@ -536,7 +537,7 @@ def _per_call_ms(fn: Callable[[], Any], calls: int, repeats: int = 5) -> float:
 
 def profile_worker(cfg: dict, theta0: dict, k: int) -> dict:
     """Fresh process, float64: where the time of a costate sweep goes (per-phase costs,
-    phase-evaluation counts, a plain-autograd sweep for comparison)."""
+    phase-evaluation counts, a hand-written sweep for comparison)."""
     torch.set_num_threads(1)
     prob = make_problem(cfg, torch.float64, theta0)
     lr, opt = cfg["lr"], InnerOptimizer()
@@ -545,21 +546,15 @@ def profile_worker(cfg: dict, theta0: dict, k: int) -> dict:
     theta = {n: v.detach().requires_grad_() for n, v in prob["theta0"].items()}
     omega = prob["omega"].detach().requires_grad_()
     weights = torch.softmax(omega, 0)
-    controls = {n: p.detach() for n, p in loop.named_parameters()}
     lam = torch.randn_like(x0)
 
-    def phase_no_grad() -> None:
-        with torch.no_grad():
-            loop(1, x0, None)
+    sweep = bk.costate._Sweep(loop, None, lambda x: prob["outer"](loop.unflatten(x)), False)
 
-    def phase_recorded() -> None:  # what _Sweep.advance does the first time it meets phase t
-        with torch.no_grad(), usage({id(p): n for n, p in loop.named_parameters()}):
-            loop(1, x0, None)
+    def phase_forward() -> None:  # what the sweep's forward does for one phase
+        sweep.advance(1, x0)
 
-    def phase_vjp() -> None:  # what _Sweep.vjp does
-        _, pullback = torch.func.vjp(
-            lambda x, p: torch.func.functional_call(loop, p, (1, x, None)), x0, controls)
-        pullback(lam)
+    def phase_vjp() -> None:  # what the sweep's backward does for one phase
+        sweep.vjp(1, x0, lam)
 
     def plain_vjp() -> None:
         x = x0[0].detach().requires_grad_()
@@ -572,11 +567,9 @@ def profile_worker(cfg: dict, theta0: dict, k: int) -> dict:
         return lambda: inner_step(prob["inner"], theta, opt.init(theta), w, lr, opt,
                                   create_graph=create_graph)
 
-    usage = getattr(bk.costate, "_Usage", None)  # private: skip the line if it is renamed
-    phase = {key: None if fn is None else _per_call_ms(fn, 100) for key, fn in [
-        ("step", step(False)), ("step_graph", step(True)), ("func_forward", phase_no_grad),
-        ("func_forward_usage", phase_recorded if usage is not None else None),
-        ("func_vjp", phase_vjp), ("plain_vjp", plain_vjp)]}
+    phase = {key: _per_call_ms(fn, 100) for key, fn in [
+        ("step", step(False)), ("step_graph", step(True)), ("sweep_forward", phase_forward),
+        ("sweep_vjp", phase_vjp), ("plain_vjp", plain_vjp)]}
     args = (prob["inner"], prob["outer"], prob["theta0"], prob["omega"])
     ref = Unrolled(k, lr)(*args).hypergrad
     calls = {"Unrolled (autograd)": lambda: Unrolled(k, lr)(*args),
@@ -584,7 +577,7 @@ def profile_worker(cfg: dict, theta0: dict, k: int) -> dict:
                  lambda: Unrolled(k, lr, costate=bk.AdjointSweep())(*args),
              "Unrolled(costate=CheckpointedSweep(8))":
                  lambda: Unrolled(k, lr, costate=bk.CheckpointedSweep(8))(*args),
-             "plain-autograd adjoint sweep (plain_adjoint)": lambda: plain_adjoint(prob, k)}
+             "hand-written adjoint sweep (plain_adjoint)": lambda: plain_adjoint(prob, k)}
     rounds: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(cfg["repeats"]):  # interleaved, like the main table
         for name, fn in calls.items():
@@ -637,10 +630,9 @@ def heap_worker(cfg: dict, theta0: dict, k: int, name: str) -> dict:
 PHASE_LABELS = {
     "step": "grad step, autograd.grad (no graph)",
     "step_graph": "grad step, autograd.grad (create_graph), as in Unrolled",
-    "func_forward": "InnerLoop phase, torch.func.grad, no_grad (sweep forward)",
-    "func_forward_usage": "InnerLoop phase under the _Usage TorchFunctionMode (first visit of t)",
-    "func_vjp": "phase VJP, torch.func.vjp(functional_call(InnerLoop)) (sweep backward)",
-    "plain_vjp": "phase VJP, plain autograd (create_graph grad + autograd.grad)",
+    "sweep_forward": "InnerLoop phase under no_grad, as the sweep's forward evaluates it",
+    "sweep_vjp": "InnerLoop phase VJP, as the sweep's backward evaluates it",
+    "plain_vjp": "hand-written phase VJP (create_graph grad + autograd.grad, no library code)",
 }
 
 
@@ -652,16 +644,16 @@ def print_profile(prof: dict, heap: list[dict], cfg: dict) -> None:
     print(f"  whole meta-step at k = {k} (median of interleaved rounds; × Unrolled in the same round):")
     for name, w in prof["whole_ms"].items():
         print(f"  {w['ms']:9.1f}  {w['ratio']:5.2f}×  {name}")
-    print(f"  plain-autograd sweep vs Unrolled: rel diff {prof['plain_adjoint_rel_err']:.1e}")
+    print(f"  hand-written sweep vs Unrolled: rel diff {prof['plain_adjoint_rel_err']:.1e}")
     print("  phase evaluations per meta-step (forward + inside VJPs) and the time they predict:")
     unrolled = prof["whole_ms"]["Unrolled (autograd)"]["ms"]
     for name, c in prof["counts"].items():
         fwd, vjps = c["forward_evaluations"], c["vjps"]
-        func = fwd * ph["func_forward"] + vjps * ph["func_vjp"]
+        lib = fwd * ph["sweep_forward"] + vjps * ph["sweep_vjp"]
         plain = fwd * ph["step"] + vjps * ph["plain_vjp"]
         print(f"  {name:22s} {fwd:5d} forward + {vjps:4d} VJP: "
-              f"torch.func costs → {func:7.1f} ms ({func / unrolled:.2f}× Unrolled); "
-              f"plain-autograd costs → {plain:7.1f} ms ({plain / unrolled:.2f}×)")
+              f"library phase costs → {lib:7.1f} ms ({lib / unrolled:.2f}× Unrolled); "
+              f"hand-written costs → {plain:7.1f} ms ({plain / unrolled:.2f}×)")
     item = torch.tensor([], dtype=getattr(torch, cfg["dtype"])).element_size()
     print(f"  RSS growth vs heap in use (sampled after each phase), and the states a solver keeps "
           f"({item}·P bytes each):")

@@ -30,8 +30,6 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, vjp
-from torch.overrides import TorchFunctionMode
 
 from .dynamics import Dynamics, check_horizon, check_loss, check_state
 
@@ -132,39 +130,19 @@ class AutogradCostate(_Solver):
         )
 
 
-class _Usage(TorchFunctionMode):
-    """Records which watched tensors (the parameters) a phase passes to any torch op."""
-
-    def __init__(self, watched: dict[int, str]):
-        super().__init__()
-        self.watched, self.used = watched, set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        stack = [args, kwargs]
-        while stack:
-            item = stack.pop()
-            if isinstance(item, (list, tuple)):
-                stack.extend(item)
-            elif isinstance(item, dict):
-                stack.extend(item.values())
-            elif isinstance(item, Tensor) and id(item) in self.watched:
-                self.used.add(self.watched[id(item)])
-        return func(*args, **kwargs)
-
-
 class _Sweep:
     """One backward sweep: phase evaluations, phase VJPs and the gradient accumulator.
 
-    Phase ``t`` is first evaluated (without a graph) under a ``_Usage`` recorder, which tells
-    which parameters it reads; its VJP later differentiates with respect to those only.
+    A phase is evaluated forward without a graph (``advance``); its VJP (``vjp``) evaluates it
+    again with the graph of that one phase and back-propagates ``λ_t`` through it with
+    ``torch.autograd.grad`` (with respect to ``x_{t-1}`` and every trainable parameter; the
+    ones the phase does not read come back as ``None`` at no cost), then frees that graph.
     """
 
     def __init__(self, dynamics: Dynamics, ctx: Any, loss: Loss, keep: bool):
         self.dynamics, self.ctx, self.loss, self.keep = dynamics, ctx, loss, keep
         self.T = check_horizon(dynamics)
         self.params = _trainable(dynamics)
-        self.used: dict[int, tuple[str, ...]] = {}
         self.grads: dict[str, Tensor] = {}
         self.value: Tensor | None = None
         self.output: Tensor | None = None
@@ -172,54 +150,47 @@ class _Sweep:
         self.multipliers: list[Tensor | None] = [None] * (self.T + 1)
 
     def advance(self, t: int, x: Tensor | None) -> Tensor:
-        """``x_t = F_t(x_{t-1})`` without a graph (recording parameter use the first time)."""
+        """``x_t = F_t(x_{t-1})`` without a graph."""
         with torch.no_grad():
-            if t in self.used:
-                out = self.dynamics(t, x, self.ctx)
-            else:
-                with _Usage({id(p): n for n, p in self.params.items()}) as usage:
-                    out = self.dynamics(t, x, self.ctx)
-                self.used[t] = tuple(n for n in self.params if n in usage.used)
-        out = check_state(out, x, t)
+            out = check_state(self.dynamics(t, x, self.ctx), x, t)
         if self.keep:
             self.states[t] = out
         return out
 
     def terminal(self, x_prev: Tensor) -> tuple[Tensor, Tensor]:
-        """Evaluate ``x_T`` and ``λ_T = ∇ℓ(x_T)``; by then every phase has been evaluated."""
+        """Evaluate ``x_T`` and ``λ_T = ∇ℓ(x_T)``."""
         x_T = self.advance(self.T, x_prev)
-        seen = set().union(*self.used.values())
-        unused = [n for n in self.params if n not in seen]
-        if unused:
-            raise _unused_error(unused)
-        value, pullback = vjp(lambda x: check_loss(self.loss(x)), x_T)
+        with torch.enable_grad():
+            x = x_T.detach().requires_grad_()
+            value = check_loss(self.loss(x))
+            (lam,) = torch.autograd.grad(value, x, allow_unused=True)
         self.value, self.output = value.detach(), x_T
-        (lam,) = pullback(torch.ones_like(value), retain_graph=False)
-        return x_T, lam
+        return x_T, torch.zeros_like(x_T) if lam is None else lam
 
     def vjp(self, t: int, x_prev: Tensor | None, lam: Tensor) -> Tensor | None:
         """Add ``(∂_θ F_t)* λ_t`` to the gradients and return ``λ_{t-1} = (∂_x F_t)* λ_t``."""
         if self.keep:
             self.multipliers[t] = lam
-        if t not in self.used:
-            self.advance(t, x_prev)
-        primals = {n: self.params[n].detach() for n in self.used[t]}
-        if t == 0:
-            if not primals:
-                return None
-            _, pullback = vjp(lambda p: functional_call(self.dynamics, p, (0, None, self.ctx)),
-                              primals)
-            (g,) = pullback(lam, retain_graph=False)
-            lam_prev = None
-        else:
-            _, pullback = vjp(lambda x, p: functional_call(self.dynamics, p, (t, x, self.ctx)),
-                              x_prev.detach(), primals)
-            lam_prev, g = pullback(lam, retain_graph=False)
-        for n, v in g.items():
-            self.grads[n] = v if n not in self.grads else self.grads[n] + v
-        return lam_prev
+        params = list(self.params.values())
+        with torch.enable_grad():
+            x = None if t == 0 else x_prev.detach().requires_grad_()
+            out = check_state(self.dynamics(t, x, self.ctx), x, t)
+            inputs = params if x is None else [x, *params]
+            if not out.requires_grad or not inputs:
+                grads: tuple = (None,) * len(inputs)
+            else:
+                grads = torch.autograd.grad(out, inputs, lam, allow_unused=True)
+        for n, g in zip(self.params, grads[len(inputs) - len(params):]):
+            if g is not None:
+                self.grads[n] = g if n not in self.grads else self.grads[n] + g
+        if x is None:
+            return None
+        return torch.zeros_like(x_prev) if grads[0] is None else grads[0]
 
     def result(self) -> CostateResult:
+        unused = [n for n in self.params if n not in self.grads]
+        if unused:
+            raise _unused_error(unused)
         grads = {n: self.grads[n] for n in self.params}
         return CostateResult(
             loss=self.value,
@@ -233,9 +204,10 @@ class _Sweep:
 class AdjointSweep(_Solver):
     """The explicit costate recursion of Algorithm 3.
 
-    Forward: ``x_0..x_T`` without any autograd graph, stored. Backward: for ``t = T..0``,
-    re-evaluate phase ``t`` inside ``torch.func.vjp`` (over ``functional_call``) and pull
-    ``λ_t`` back to ``λ_{t-1}`` and ``G_t = (∂_θ F_t)* λ_t``.
+    Forward: ``x_0..x_T`` without any autograd graph, stored in one preallocated buffer (so
+    the states do not fragment the heap between the phases' temporaries). Backward: for
+    ``t = T..0``, re-evaluate phase ``t`` with its graph and pull ``λ_t`` back to ``λ_{t-1}``
+    and ``G_t = (∂_θ F_t)* λ_t`` (``torch.autograd.grad``), then free that graph.
 
     Memory: the T+1 states plus one phase's activations (autograd keeps all T phases').
     Time: each phase is evaluated twice (once forward, once inside its VJP), so about one
@@ -248,15 +220,18 @@ class AdjointSweep(_Solver):
 
     def solve(self, dynamics: Dynamics, ctx: Any, loss: Loss) -> CostateResult:
         sweep = _Sweep(dynamics, ctx, loss, self.keep)
-        states = [sweep.advance(0, None)]
+        x0 = sweep.advance(0, None)
+        states = x0.new_empty((sweep.T, *x0.shape))  # x_0..x_{T-1}
+        states[0] = x0
+        del x0
         for t in range(1, sweep.T):
-            states.append(sweep.advance(t, states[-1]))
+            states[t] = sweep.advance(t, states[t - 1])
         x_T, lam = sweep.terminal(states[-1])
         for t in range(sweep.T, 0, -1):
             lam = sweep.vjp(t, states[t - 1], lam)
         sweep.vjp(0, None, lam)
         result = sweep.result()
-        result.states = [*states, x_T]  # stored anyway
+        result.states = [*states.unbind(0), x_T]  # stored anyway
         return result
 
 
@@ -298,12 +273,17 @@ class CheckpointedSweep(_Solver):
     def solve(self, dynamics: Dynamics, ctx: Any, loss: Loss) -> CostateResult:
         sweep = _Sweep(dynamics, ctx, loss, self.keep)
         x0 = sweep.advance(0, None)
-        lam0 = self._reverse(sweep, 0, x0, sweep.T, None, self.checkpoints - 1)
+        # the checkpoints live in one preallocated buffer; nesting depth d uses slot d
+        slots = x0.new_empty((min(self.checkpoints, sweep.T), *x0.shape))
+        slots[0] = x0
+        del x0
+        lam0 = self._reverse(sweep, slots, 0, slots[0], sweep.T, None, self.checkpoints - 1)
+        del slots
         sweep.vjp(0, None, lam0)
         return sweep.result()
 
-    def _reverse(self, sweep: _Sweep, a: int, x_a: Tensor, b: int, lam_b: Tensor | None,
-                 free: int) -> Tensor:
+    def _reverse(self, sweep: _Sweep, slots: Tensor, a: int, x_a: Tensor, b: int,
+                 lam_b: Tensor | None, free: int) -> Tensor:
         """Pull ``λ_b`` back to ``λ_a`` over phases ``a+1..b`` given the stored ``x_a``.
 
         ``lam_b is None`` means ``b = T`` and ``λ_T`` is still to be computed from ``x_T``.
@@ -314,9 +294,11 @@ class CheckpointedSweep(_Solver):
             x_m = x_a
             for t in range(a + 1, m + 1):
                 x_m = sweep.advance(t, x_m)
-            lam_m = self._reverse(sweep, m, x_m, b, lam_b, free - 1)
+            slot = slots[self.checkpoints - free]
+            slot.copy_(x_m)
             del x_m
-            return self._reverse(sweep, a, x_a, m, lam_m, free)
+            lam_m = self._reverse(sweep, slots, m, slot, b, lam_b, free - 1)
+            return self._reverse(sweep, slots, a, x_a, m, lam_m, free)
         lam = lam_b
         for j in range(b, a, -1):  # no free slot: recompute x_{j-1} from x_a each time
             x_prev = x_a

@@ -22,7 +22,7 @@ class Dynamics(nn.Module):
     whatever the phases read but do not optimise (measurements ``f``, operators, ...).
 
     ``forward(t, x, ctx)`` is the phase map ``F_t`` itself (``F_0`` ignores ``x``); the
-    solvers call it through ``torch.func.functional_call``, so subclasses leave it alone.
+    solvers call it, so subclasses leave it alone.
     """
 
     horizon: int

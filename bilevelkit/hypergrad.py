@@ -124,7 +124,9 @@ class InnerOptimizer:
         """One update (params, state, grads, lr) → (params, state); pure, out-of-place."""
         step = state.step + 1
         if self.name == "sgd":
-            return {k: p - lr * grads[k] for k, p in params.items()}, OptState(step, {}, {})
+            if isinstance(lr, Tensor):
+                return {k: p - lr * grads[k] for k, p in params.items()}, OptState(step, {}, {})
+            return {k: p.add(grads[k], alpha=-lr) for k, p in params.items()}, OptState(step, {}, {})
         if self.name == "momentum":
             buf = {k: self.momentum * state.first[k] + grads[k] for k in params}
             return {k: p - lr * buf[k] for k, p in params.items()}, OptState(step, buf, {})
@@ -241,9 +243,10 @@ class InnerLoop(Dynamics):
     and Adam, the optimizer's buffers. ``x_0 = (θ^0, 0, 0)`` is a constant, and phase ``s`` is
     one optimizer step ``x_s = update(x_{s-1}, ∇_θ inner_loss(θ^{s-1}, σ(ω)), a)``. The
     controls ``ω`` (and ``a`` with ``learn_lr``) are shared by every phase, so the costate
-    sweep's gradient with respect to them is the reverse-mode hypergradient of MATH.md §3. The
-    inner gradient is taken with ``torch.func.grad`` so that the sweep's VJP of a phase is a
-    Hessian-vector product.
+    sweep's gradient with respect to them is the reverse-mode hypergradient of MATH.md §3. A
+    phase evaluated with gradients enabled (inside the sweep's VJP) takes the inner gradient
+    with ``create_graph=True``, so that the VJP is a Hessian-vector product; evaluated under
+    ``no_grad`` (the sweep's forward) it is a plain gradient step.
     """
 
     def __init__(self, inner_loss: InnerLoss, params: Params, omega: Tensor, steps: int,
@@ -278,17 +281,21 @@ class InnerLoop(Dynamics):
         return torch.cat([self.theta0.unsqueeze(0), zeros])
 
     def step(self, t: int, x: Tensor, ctx: None) -> Tensor:
-        weights = self.normalizer(self.omega)
-
-        def loss(theta: Tensor) -> Tensor:
-            return _scalar(self.inner_loss(self.unflatten(theta), weights), "inner_loss",
+        graph = torch.is_grad_enabled()  # inside a VJP: keep the step differentiable
+        with torch.enable_grad():
+            theta = x[0] if graph and x.requires_grad else x[0].detach().requires_grad_()
+            with torch.set_grad_enabled(graph):
+                weights = self.normalizer(self.omega)
+            loss = _scalar(self.inner_loss(self.unflatten(theta), weights), "inner_loss",
                            f"at inner step {t - 1}")
-
-        g = torch.func.grad(loss)(x[0])
-        state = OptState(t - 1, {"θ": x[1]} if self.slots > 1 else {},
-                         {"θ": x[2]} if self.slots > 2 else {})
-        new, state = self.optimizer.update({"θ": x[0]}, state, {"θ": g}, self.lr)
-        return torch.stack([new["θ"], *state.first.values(), *state.second.values()])
+            (g,) = _or_zeros(_grad([loss], [theta], create_graph=graph), [theta])
+            with torch.set_grad_enabled(graph):
+                state = OptState(t - 1, {"θ": x[1]} if self.slots > 1 else {},
+                                 {"θ": x[2]} if self.slots > 2 else {})
+                new, state = self.optimizer.update({"θ": theta}, state, {"θ": g}, self.lr)
+                if self.slots == 1:
+                    return new["θ"].unsqueeze(0)
+                return torch.stack([new["θ"], *state.first.values(), *state.second.values()])
 
 
 @dataclass(frozen=True)
@@ -436,11 +443,12 @@ def _leaves(params: Mapping[str, Tensor]) -> Params:
 
 
 def _scalar(value: object, name: str, where: str) -> Tensor:
-    """Check that a loss is a finite one-element tensor."""
-    if not (isinstance(value, Tensor) and value.numel() == 1):
-        raise ValueError(f"{name} must return a one-element tensor, got {_describe(value)}")
-    if not bool(torch.isfinite(value.detach()).all()):
-        raise FloatingPointError(f"{name} is {value.item()} {where}")
+    """Check that a loss is a finite real one-element tensor."""
+    if not (isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point()):
+        raise ValueError(f"{name} must return a real one-element tensor, got {_describe(value)}")
+    number = value.item()  # one sync, like bool(isfinite(...)), without two extra kernels
+    if not math.isfinite(number):
+        raise FloatingPointError(f"{name} is {number} {where}")
     return value.reshape(())
 
 
