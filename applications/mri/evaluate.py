@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from applications.mri import baselines, fft, masks, metrics, operators, sensitivities
+from applications.mri import baselines, fft, masks, metrics, sensitivities
 from applications.mri.data import DataError, MaskTransform, SliceDataset
 from applications.mri.losses import ReconLoss, reconstruction
 
@@ -114,16 +114,12 @@ def _crop(x: Tensor, shape: Sequence[int]) -> Tensor:
 
 def coil_maps(kspace: Tensor, calib: int = 24) -> Tensor:
     """ESPIRiT maps from the fully sampled centre; where the mask leaves too small a
-    calibration box (radial, some 2-D masks), maps from the low-resolution coil images
-    ``S_c = ũ_c / RSS(ũ)`` with ``ũ`` the inverse FFT of the sampled centre (a 16% disc)."""
+    calibration box (radial, some 2-D masks), the low-resolution profiles of
+    :func:`sensitivities.profiles` (the sampled centre within a 16% disc)."""
     try:
         return sensitivities.estimate(kspace, calib)
     except ValueError:
-        H, W = kspace.shape[-2:]
-        y = torch.arange(H, device=kspace.device).view(-1, 1) - H // 2
-        x = torch.arange(W, device=kspace.device).view(1, -1) - W // 2
-        low = fft.ifft2c(kspace * ((y / H) ** 2 + (x / W) ** 2 <= 0.08 ** 2))
-        return low / operators.rss(low, dim=-3).unsqueeze(-3).clamp_min(1e-12)
+        return sensitivities.profiles(kspace)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Coil sensitivity estimation from the fully sampled k-space centre: ESPIRiT in torch.
+"""Coil sensitivities from the k-space centre: ESPIRiT in torch, and low-resolution profiles.
 
 Uecker et al., "ESPIRiT — an eigenvalue approach to autocalibrating parallel MRI", MRM 2014.
 The k×k patches of the calibration region (all coils) span a low-dimensional signal subspace
@@ -18,9 +18,10 @@ import math
 import torch
 from torch import Tensor
 
+from applications.mri import operators
 from applications.mri.fft import ifft2c
 
-__all__ = ["estimate"]
+__all__ = ["estimate", "profiles"]
 
 _MIN_CALIB = 5  # kernel width must stay below half the calibration width, and be at least 2
 
@@ -133,3 +134,26 @@ def estimate(
     ref = maps[..., :1]
     phase = torch.where(ref.abs() > 0, ref.conj() / ref.abs().clamp_min(torch.finfo(values.dtype).tiny), 1)
     return (maps * phase).permute(0, 3, 1, 2).reshape(*batch, c, h, w)
+
+
+def profiles(kspace: Tensor, radius: float = 0.08) -> Tensor:
+    """Low-resolution coil profiles ``P_c = ũ_c / RSS(ũ)`` (..., C, H, W), Σ_c |P_c|² = 1.
+
+    ``ũ = F⁻¹(f · D)`` are the coil images of the measured k-space ``f`` inside the centred
+    disc ``D = {(k_y/H)² + (k_x/W)² ≤ radius²}``, so any mask that samples its centre works
+    (radial and 2-D masks included) and nothing is fitted: no calibration box, no kernel, no
+    parameters. Smooth and aliasing-free where ESPIRiT's maps are sharp, so coarser; where
+    ``RSS(ũ)`` vanishes the profiles do too.
+    """
+    if not isinstance(kspace, Tensor) or not kspace.is_complex() or kspace.dim() < 3:
+        raise ValueError(f"kspace must be a complex tensor (..., C, H, W), got "
+                         f"{kspace.dtype if isinstance(kspace, Tensor) else type(kspace).__name__}")
+    if not 0 < radius <= 0.5:
+        raise ValueError(f"radius must be in (0, 0.5] (a fraction of the sampling rate), got {radius}")
+    H, W = kspace.shape[-2:]
+    y = (torch.arange(H, device=kspace.device) - H // 2).view(-1, 1) / H
+    x = (torch.arange(W, device=kspace.device) - W // 2).view(1, -1) / W
+    low = ifft2c(kspace * (y**2 + x**2 <= radius**2))
+    norm = operators.rss(low, dim=-3).unsqueeze(-3)
+    floor = torch.finfo(norm.dtype).tiny + 1e-6 * norm.amax(dim=(-3, -2, -1), keepdim=True)
+    return low / norm.clamp_min(floor)

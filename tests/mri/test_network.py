@@ -31,7 +31,7 @@ def test_check_dynamics_passes(operator, initial):
     ctx = {k: v for k, v in b.items() if k in ("kspace", "mask", "sens")}
     b64 = bk.testing.to_float64(b)
     report = bk.testing.check_dynamics(net, ctx, lambda u: ReconLoss().terminal(u, b64))
-    assert any("phases.1.spread" in q for _, q, _ in report["rows"])
+    assert any("phases.1.features_back" in q for _, q, _ in report["rows"])
     assert ("initial_net" in dict(net.named_parameters()).__repr__()) == (initial == "kspace_cnn")
 
 
@@ -69,3 +69,24 @@ def test_cg_sense_warm_start_is_exact_and_needs_sense():
     bk.testing.check_dynamics(net, ctx, lambda u: ReconLoss().terminal(u, b64))
     with pytest.raises(ValueError, match="initial='cg_sense' needs operator='sense'"):
         NetworkConfig(initial="cg_sense")
+
+
+def test_phase_correction_is_spread_over_the_coils_by_the_data_profiles():
+    """J̃(x) = P ⊙ x: the learned correction u_t − b_t of every pixel is a multiple of the
+    coil profile vector P of the measured data (a coil-wise CNN correction would not be)."""
+    from applications.mri.sensitivities import profiles
+
+    torch.manual_seed(0)
+    net = UnrolledRecon(NetworkConfig(coils=3, phases=1, width=4, initial="zero_filled"))
+    torch.nn.init.normal_(net.phases[0].features_back[-1].weight, std=0.3)  # G̃ ≠ 0
+    b = batch()
+    ctx = {"kspace": b["kspace"], "mask": b["mask"]}
+    u0, u1 = net.rollout(ctx)
+    phase = net.phases[0]
+    with torch.no_grad():
+        grad_step = u0 - phase.rho * net.gradient(u0, ctx)
+        correction = u1 - grad_step
+    p = profiles(b["kspace"])
+    along = p * (p.conj() * correction).sum(1, keepdim=True)
+    assert correction.abs().max() > 1e-3
+    torch.testing.assert_close(correction, along, rtol=0, atol=1e-5)
