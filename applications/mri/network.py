@@ -6,7 +6,7 @@ State: coil images ``u`` (B, C, H, W) complex (calibration-free, the default) or
     x_0 = F_0(f; θ_0):  û = F⁻¹(f + K_{θ_0}(f))             residual k-space CNN (or zero-filled,
                                                             or, with SENSE, 10 CG-SENSE iterations)
     b_t = u_{t-1} − ρ_t Aᴴ(A u_{t-1} − f)                     gradient step, learned ρ_t
-    u_t = b_t + J̃ G̃_t S_{α_t} G_t J_t (b_t)                   residual learned proximal map
+    u_t = b_t − γ_t (I − P Pᴴ) b_t + J̃ G̃_t S_{α_t} G_t J_t (b_t)   residual learned proximal map
 
 J_t combines the coils into one complex image (a CNN on the coil images and their
 profile-weighted sum Σ_c P̄_c b_c, as real/imag channels), G_t extracts features, S_α
@@ -17,9 +17,13 @@ images of the sampled k-space centre over their root-sum-of-squares; no calibrat
 ESPIRiT, nothing fitted). **Decision:** J̃ is this fixed modulation rather than a CNN from
 one image to C coils: a correction of coil c must be ≈ S_c·Δx, a product a small CNN that sees
 only the combined image cannot form (it cannot know S_c); with the same 750 training steps the
-CNN mirror reached 22.7 dB (zero-filled 21.2), the profile mirror 27.8 dB (docs/mri.md). With
-SENSE the state is already one image and J̃ is the identity. No weights are shared across
-phases. The reconstruction is ``RSS(u_T)`` (see :mod:`applications.mri.losses` for why not
+CNN mirror reached 22.7 dB (zero-filled 21.2), the profile mirror 27.8 dB (docs/mri.md).
+**Decision:** the prox also removes a learned fraction γ_t (one scalar per phase, starting at
+0) of the part of b_t that is not a multiple of the profiles, where coil-inconsistent aliasing
+lives: a soft version of SENSE's projection onto the span of the maps, soft because P is only
+a low-resolution estimate of them (28.4 dB instead of 27.8 dB in the same comparison). With
+SENSE the state is already one image, J̃ is the identity and there is no γ_t. No weights are
+shared across phases. The reconstruction is ``RSS(u_T)`` (see :mod:`applications.mri.losses` for why not
 ``|J(u_T)|``).
 
 ``ctx`` is a dict of tensors: ``kspace`` f (B, C, H, W) complex (undersampled, normalised),
@@ -107,15 +111,20 @@ class Phase(nn.Module):
         self.features = cnn(2, w, w, d, k)                 # G_t
         self.alpha = nn.Parameter(torch.full((w,), cfg.alpha))
         self.features_back = cnn(w, w, 2, d, k)            # G̃_t
-        nn.init.zeros_(self.features_back[-1].weight)  # G̃ ends at 0: the phase starts as a
-        nn.init.zeros_(self.features_back[-1].bias)    # plain gradient step (prox = identity)
+        nn.init.zeros_(self.features_back[-1].weight)  # G̃ ends at 0 and γ starts at 0: the
+        nn.init.zeros_(self.features_back[-1].bias)    # phase starts as a plain gradient step
+        self.gamma = nn.Parameter(torch.tensor(0.0)) if coils > 1 else None
 
     def prox(self, b: Tensor, profiles: Tensor) -> Tensor:
-        """``b + P ⊙ G̃(S_α(G(J(b, Σ_c P̄_c b_c))))`` for coil images ``b`` and profiles ``P``."""
+        """``b − γ (I − P Pᴴ) b + P ⊙ G̃(S_α(G(J(b, Pᴴ b))))`` for coil images ``b`` and profiles
+        ``P`` (Pᴴ b = Σ_c P̄_c b_c per pixel)."""
         combined = (profiles.conj() * b).sum(1, keepdim=True)
         x = self.combine(torch.cat([to_channels(b), to_channels(combined)], dim=1))
         z = soft_threshold(self.features(x), self.alpha.abs())
-        return b + profiles * to_complex(self.features_back(z))
+        out = b + profiles * to_complex(self.features_back(z))
+        if self.gamma is not None:
+            out = out - self.gamma * (b - profiles * combined)
+        return out
 
 
 class UnrolledRecon(bk.Dynamics):

@@ -90,3 +90,24 @@ def test_phase_correction_is_spread_over_the_coils_by_the_data_profiles():
     along = p * (p.conj() * correction).sum(1, keepdim=True)
     assert correction.abs().max() > 1e-3
     torch.testing.assert_close(correction, along, rtol=0, atol=1e-5)
+
+
+def test_gamma_projects_onto_the_profile_span():
+    """γ = 1 with G̃ = 0: u_t = P Pᴴ b_t, the coil images' projection onto the data profiles;
+    the SENSE network (one image) has no γ."""
+    from applications.mri.sensitivities import profiles
+
+    net = UnrolledRecon(NetworkConfig(coils=3, phases=1, width=4, initial="zero_filled"))
+    with torch.no_grad():
+        net.phases[0].gamma.fill_(1.0)
+    b = batch()
+    ctx = {"kspace": b["kspace"], "mask": b["mask"]}
+    u0, u1 = net.rollout(ctx)
+    with torch.no_grad():
+        grad_step = u0 - net.phases[0].rho * net.gradient(u0, ctx)
+    p = profiles(b["kspace"])
+    projected = p * (p.conj() * grad_step).sum(1, keepdim=True)
+    assert (grad_step - projected).abs().max() > 1e-2  # the projection does something here
+    torch.testing.assert_close(u1, projected, rtol=0, atol=1e-5)
+    sense = UnrolledRecon(NetworkConfig(coils=3, phases=1, operator="sense"))
+    assert not any("gamma" in n for n, _ in sense.named_parameters())
