@@ -9,22 +9,18 @@ State: coil images ``u`` (B, C, H, W) complex (calibration-free, the default) or
     u_t = b_t − γ_t (I − P Pᴴ) b_t + J̃ G̃_t S_{α_t} G_t J_t (b_t)   residual learned proximal map
 
 J_t combines the coils into one complex image (a CNN on the coil images and their
-profile-weighted sum Σ_c P̄_c b_c, as real/imag channels), G_t extracts features, S_α
+profile-weighted sum Pᴴb = Σ_c P̄_c b_c, as real/imag channels), G_t extracts features, S_α
 soft-thresholds them with learned α_t (one per feature channel), G̃_t maps them back to one
-complex correction image and J̃ spreads it over the coils, J̃(x) = (P_c x)_c, with P the
-low-resolution coil profiles of the measured data (:func:`sensitivities.profiles`: the coil
-images of the sampled k-space centre over their root-sum-of-squares; no calibration box, no
-ESPIRiT, nothing fitted). **Decision:** J̃ is this fixed modulation rather than a CNN from
-one image to C coils: a correction of coil c must be ≈ S_c·Δx, a product a small CNN that sees
-only the combined image cannot form (it cannot know S_c); with the same 750 training steps the
-CNN mirror reached 22.7 dB (zero-filled 21.2), the profile mirror 27.8 dB (docs/mri.md).
-**Decision:** the prox also removes a learned fraction γ_t (one scalar per phase, starting at
-0) of the part of b_t that is not a multiple of the profiles, where coil-inconsistent aliasing
-lives: a soft version of SENSE's projection onto the span of the maps, soft because P is only
-a low-resolution estimate of them (28.4 dB instead of 27.8 dB in the same comparison). With
-SENSE the state is already one image, J̃ is the identity and there is no γ_t. No weights are
-shared across phases. The reconstruction is ``RSS(u_T)`` (see :mod:`applications.mri.losses` for why not
-``|J(u_T)|``).
+complex correction image and J̃(x) = (P_c x)_c spreads it over the coils, with P the
+low-resolution coil profiles of the measured data (:func:`sensitivities.profiles`; nothing is
+fitted). γ_t (a scalar, starting at 0) removes a learned fraction of the part of b_t that is
+not a multiple of the profiles, where coil-inconsistent aliasing lives. **Decisions** (both
+measured in docs/mri.md): J̃ is this fixed modulation rather than a CNN from one image to C
+coils, because a correction of coil c must be ≈ S_c·Δx, a product such a CNN cannot form
+(22.7 → 27.8 dB at equal training); γ_t is a soft projection onto the profile span, soft
+because P only approximates the coil maps (27.8 → 28.4 dB). With SENSE the state is one image,
+J̃ is the identity and there is no γ_t. No weights are shared across phases. The
+reconstruction is ``RSS(u_T)`` (see :mod:`applications.mri.losses` for why not ``|J(u_T)|``).
 
 ``ctx`` is a dict of tensors: ``kspace`` f (B, C, H, W) complex (undersampled, normalised),
 ``mask`` broadcastable to (B, 1, H, W), and optionally ``sens`` (B, C, H, W) for SENSE.

@@ -142,8 +142,8 @@ def profiles(kspace: Tensor, radius: float = 0.08) -> Tensor:
     ``ũ = F⁻¹(f · D)`` are the coil images of the measured k-space ``f`` inside the centred
     disc ``D = {(k_y/H)² + (k_x/W)² ≤ radius²}``, so any mask that samples its centre works
     (radial and 2-D masks included) and nothing is fitted: no calibration box, no kernel, no
-    parameters. Smooth and aliasing-free where ESPIRiT's maps are sharp, so coarser; where
-    ``RSS(ũ)`` vanishes the profiles do too.
+    parameters. The object's low-resolution image divides out, so P is smooth, and coarser than
+    ESPIRiT's maps at the object's edges; where ``RSS(ũ)`` vanishes P does too.
     """
     if not isinstance(kspace, Tensor) or not kspace.is_complex() or kspace.dim() < 3:
         raise ValueError(f"kspace must be a complex tensor (..., C, H, W), got "
