@@ -80,12 +80,13 @@ def to_complex(x: Tensor) -> Tensor:
     return torch.complex(re, im)
 
 
-def cnn(channels_in: int, width: int, channels_out: int, depth: int, kernel: int) -> nn.Sequential:
+def cnn(channels_in: int, width: int, channels_out: int, depth: int, kernel: int,
+        bias: bool = True) -> nn.Sequential:
     """``depth`` convolutions ``in → width → … → out`` with ReLU between them."""
     sizes = [channels_in] + [width] * (depth - 1) + [channels_out]
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Conv2d(a, b, kernel, padding=kernel // 2))
+        layers.append(nn.Conv2d(a, b, kernel, padding=kernel // 2, bias=bias))
         if i < depth - 1:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
@@ -136,9 +137,11 @@ class UnrolledRecon(bk.Dynamics):
         self.cfg, self.horizon = cfg, cfg.phases
         coils = 1 if cfg.operator == "sense" else cfg.coils
         if cfg.initial == "kspace_cnn":
-            self.initial_net = cnn(2 * cfg.coils, cfg.kspace_width, 2 * cfg.coils, 3, cfg.kernel)
+            # Bias-free: a constant added to every k-space sample is a bright dot at the image
+            # centre (F⁻¹ of a constant), which the data term cannot remove where f is unsampled.
+            self.initial_net = cnn(2 * cfg.coils, cfg.kspace_width, 2 * cfg.coils, 3, cfg.kernel,
+                                   bias=False)
             nn.init.zeros_(self.initial_net[-1].weight)
-            nn.init.zeros_(self.initial_net[-1].bias)
         self.phases = nn.ModuleList(Phase(cfg, coils) for _ in range(cfg.phases))
 
     def _check(self, ctx: dict) -> None:

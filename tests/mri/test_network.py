@@ -111,3 +111,17 @@ def test_gamma_projects_onto_the_profile_span():
     torch.testing.assert_close(u1, projected, rtol=0, atol=1e-5)
     sense = UnrolledRecon(NetworkConfig(coils=3, phases=1, operator="sense"))
     assert not any("gamma" in n for n, _ in sense.named_parameters())
+
+
+def test_kspace_network_adds_no_constant():
+    """F_0 has no bias: zero measurements give a zero initial state whatever the weights, so it
+    cannot put a constant into k-space (a bright dot at the image centre)."""
+    torch.manual_seed(0)
+    net = UnrolledRecon(NetworkConfig(coils=3, phases=1, width=4, kspace_width=4))
+    for p in net.initial_net.parameters():
+        torch.nn.init.normal_(p)
+    assert all(not n.endswith("bias") for n, _ in net.initial_net.named_parameters())
+    b = batch()
+    zero = {"kspace": torch.zeros_like(b["kspace"]), "mask": b["mask"]}
+    assert net.initial(zero).abs().max() == 0
+    assert net.initial({"kspace": b["kspace"], "mask": b["mask"]}).abs().max() > 0
