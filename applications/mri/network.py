@@ -174,11 +174,21 @@ class UnrolledRecon(bk.Dynamics):
         return u
 
     def profiles(self, ctx: dict) -> Tensor:
-        """J̃'s coil profiles: those of the measured k-space, or 1 for the SENSE state."""
+        """J̃'s coil profiles: those of the measured k-space, or 1 for the SENSE state.
+
+        They depend on ``f`` only, and every phase (and every VJP of a costate sweep) asks for
+        them, so the last result is kept while ``ctx["kspace"]`` is the same, unmodified
+        tensor (same object, same version counter; never when ``f`` requires grad).
+        """
         f = ctx["kspace"]
         if self.cfg.operator == "sense":
             return torch.ones_like(f[:, :1])
-        return sensitivities.profiles(f)
+        cached = self.__dict__.get("_profiles")
+        if cached is not None and cached[0] is f and cached[1] == f._version:
+            return cached[2]
+        p = sensitivities.profiles(f)
+        self.__dict__["_profiles"] = None if f.requires_grad else (f, f._version, p)
+        return p
 
     def step(self, t: int, u: Tensor, ctx: dict) -> Tensor:
         phase = self.phases[t - 1]

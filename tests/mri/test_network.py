@@ -125,3 +125,21 @@ def test_kspace_network_adds_no_constant():
     zero = {"kspace": torch.zeros_like(b["kspace"]), "mask": b["mask"]}
     assert net.initial(zero).abs().max() == 0
     assert net.initial({"kspace": b["kspace"], "mask": b["mask"]}).abs().max() > 0
+
+
+def test_profiles_are_computed_once_per_measurement_and_follow_changes():
+    """The profiles are cached for the same unmodified kspace tensor only: an in-place change
+    or a new tensor gives fresh profiles, so a rollout never uses another sample's P."""
+    from applications.mri.sensitivities import profiles
+
+    net = UnrolledRecon(NetworkConfig(coils=3, phases=2, width=4))
+    b = batch()
+    f = b["kspace"].clone()
+    ctx = {"kspace": f, "mask": b["mask"]}
+    first = net.profiles(ctx)
+    assert net.profiles(ctx) is first
+    f.mul_(torch.exp(1j * torch.linspace(0, 3, f.shape[-1])))  # in place: version changes
+    torch.testing.assert_close(net.profiles(ctx), profiles(f))
+    other = {"kspace": batch(seed=1)["kspace"], "mask": b["mask"]}
+    torch.testing.assert_close(net.profiles(other), profiles(other["kspace"]))
+    assert "_profiles" not in net.state_dict()
