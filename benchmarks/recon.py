@@ -1,7 +1,8 @@
 """Reconstruction quality: meta-learned weights vs uniform weights on the same budget.
 
 Runs ``python -m applications.mri.train`` in ``--mode meta`` and ``--mode joint`` (and, with
-``--sense``, the SENSE network started from CG-SENSE) on the synthetic catalogue with the same
+``--sense``, the SENSE network started from CG-SENSE; ``--only meta-zf`` is the network started
+from the zero-filled k-space, no coil maps anywhere) on the synthetic catalogue with the same
 options, then prints a table of mean PSNR/SSIM over the seen and the unseen tasks for the model,
 zero-filled and CG-SENSE, per-task PSNR, and the training time; writes the table as JSON and as
 Markdown (for docs/benchmarks.md)::
@@ -19,8 +20,9 @@ from applications.mri import train
 VARIANTS = {
     "meta": ["--mode", "meta"],
     "joint": ["--mode", "joint"],
-    "meta-sense": ["--mode", "meta", "--operator", "sense", "--initial", "cg_sense"],
-    "joint-sense": ["--mode", "joint", "--operator", "sense", "--initial", "cg_sense"],
+    "meta-sense": ["--mode", "meta", "--operator", "sense", "--initial", "none"],
+    "joint-sense": ["--mode", "joint", "--operator", "sense", "--initial", "none"],
+    "meta-zf": ["--mode", "meta", "--warm-start", "zero_filled"],
 }
 
 

@@ -45,14 +45,22 @@ class ReconTransform:
     """SliceDataset sample → tensors the network and the loss need (all normalised by ``scale``).
 
     ``kspace`` (C, H, W) undersampled, ``mask`` (1, H, W), ``target`` RSS reference,
-    ``coil_target`` fully sampled coil images, ``scale``; ``sens`` (ESPIRiT maps from the
-    sampled centre) when ``sense``.
+    ``coil_target`` fully sampled coil images, ``scale``; ``sens`` (:func:`coil_maps` of the
+    undersampled k-space) when ``sense``.
+
+    ESPIRiT maps depend on the k-space only through its calibration region
+    (:func:`sensitivities.calibration_box`), and they are scale-free, so they are computed
+    before the normalisation. Transforms that share a ``maps_cache`` dict (e.g. the mask draws
+    of one training set) therefore compute them once per slice and calibration region: the
+    draws of a mask family share the fully sampled centre. The cache keeps the maps
+    (C × H × W each) for as long as it lives.
     """
 
     def __init__(self, family: str | None = None, acceleration: float | None = None,
-                 seed: int = 0, sense: bool = False, calib: int = 24):
+                 seed: int = 0, sense: bool = False, calib: int = 24,
+                 maps_cache: dict | None = None):
         self.masking = MaskTransform(family, acceleration, seed=seed)
-        self.sense, self.calib = sense, calib
+        self.sense, self.calib, self.maps_cache = sense, calib, maps_cache
 
     def __call__(self, sample: dict) -> dict:
         out = self.masking(sample)
@@ -60,8 +68,28 @@ class ReconTransform:
         item = {"kspace": out["kspace"], "mask": out["mask"], "target": out["target"],
                 "coil_target": fft.ifft2c(full), "scale": out["scale"]}
         if self.sense:
-            item["sens"] = coil_maps(out["kspace"], self.calib)
+            item["sens"] = self.maps(sample["kspace"], out["mask"])
         return item
+
+    def maps(self, kspace: Tensor, mask: Tensor) -> Tensor:
+        """:func:`coil_maps` of ``mask ⊙ kspace``, through ``maps_cache`` when there is one."""
+        masked = kspace * mask + 0.0
+        if self.maps_cache is None:
+            return coil_maps(masked, self.calib)
+        try:
+            rows, cols = sensitivities.calibration_box(masked, self.calib)
+        except ValueError:  # the centre is not sampled: the profiles below
+            rows = cols = slice(0)
+        key = (id(kspace), rows.start, rows.stop, cols.start, cols.stop)
+        hit = self.maps_cache.get(key)
+        if hit is not None and hit[0] is kspace:  # the entry holds kspace: its id is not reused
+            return hit[1]
+        try:
+            sens = sensitivities.estimate(masked, self.calib)
+        except ValueError:  # the profiles read the whole sampled centre disc: not cached
+            return sensitivities.profiles(masked)
+        self.maps_cache[key] = (kspace, sens)
+        return sens
 
 
 class CachedSubset(torch.utils.data.Dataset):
@@ -258,11 +286,22 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
     return state
 
 
+def network_config(state: dict):
+    """The checkpoint's :class:`NetworkConfig`; a clear error if this version cannot build it."""
+    from applications.mri.network import NetworkConfig
+
+    try:
+        return NetworkConfig(**state["network"])
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"the checkpoint's network settings {state.get('network')} do not build "
+                         f"a network of this version: {err}") from err
+
+
 def models_from_checkpoint(state: dict, device: torch.device) -> dict[str, torch.nn.Module]:
     """Validation-task name → network with the checkpoint's weights."""
-    from applications.mri.network import NetworkConfig, UnrolledRecon
+    from applications.mri.network import UnrolledRecon
 
-    net_cfg = NetworkConfig(**state["network"])
+    net_cfg = network_config(state)
     models_state = state["trainer"]["models"]
     out = {}
     for j, name in enumerate(state["task_names"]):
@@ -308,7 +347,7 @@ def run(args: argparse.Namespace) -> dict:
     models = models_from_checkpoint(state, device)
     dataset = SliceDataset(args.data)
     transform = ReconTransform(args.mask, args.acceleration, seed=args.seed,
-                               sense=state["network"]["operator"] == "sense")
+                               sense=network_config(state).needs_maps)
     files = group_files(dataset, range(len(dataset)), transform)
     seen = [t for t in files if t in state.get("seen_tasks", [])]
     results, rows = evaluate_tasks(models, files, seen, device, args.adapt)

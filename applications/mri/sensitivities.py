@@ -21,7 +21,7 @@ from torch import Tensor
 from applications.mri import operators
 from applications.mri.fft import ifft2c
 
-__all__ = ["estimate", "profiles"]
+__all__ = ["calibration_box", "estimate", "profiles"]
 
 _MIN_CALIB = 5  # kernel width must stay below half the calibration width, and be at least 2
 
@@ -75,6 +75,15 @@ def _shift_matrix(k: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     return (torch.arange(2 * k - 1, device=device)[:, None, None] == d).to(dtype)
 
 
+def calibration_box(kspace: Tensor, calib_size: int | tuple[int, int]) -> tuple[slice, slice]:
+    """The calibration region :func:`estimate` uses: the largest fully sampled rectangle grown
+    from the centre inside the centred ``calib_size`` box (sampled: non-zero in any coil of
+    any batch entry). The maps depend on the k-space only through this region."""
+    *_, c, h, w = kspace.shape
+    sampled = (kspace.reshape(-1, c, h, w) != 0).any(dim=(0, 1)).cpu()
+    return _calibration_box(sampled, _pair(calib_size, "calib_size"))
+
+
 def estimate(
     kspace: Tensor,
     calib_size: int | tuple[int, int],
@@ -99,11 +108,10 @@ def estimate(
             f"{kspace.dtype if isinstance(kspace, Tensor) else type(kspace).__name__}"
             f"{' of shape ' + str(tuple(kspace.shape)) if isinstance(kspace, Tensor) else ''}"
         )
-    size = _pair(calib_size, "calib_size")
     kernel = _pair(kernel_size, "kernel_size")
     *batch, c, h, w = kspace.shape
     flat = kspace.reshape(-1, c, h, w)
-    rows, cols = _calibration_box((flat != 0).any(dim=(0, 1)).cpu(), size)
+    rows, cols = calibration_box(kspace, calib_size)
     calib = flat[:, :, rows, cols]
     ch, cw = calib.shape[-2:]
     if min(ch, cw) < _MIN_CALIB:

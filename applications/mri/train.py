@@ -74,6 +74,7 @@ class TrainConfig:
     depth: int = 2
     kernel: int = 3
     initial: str = "kspace_cnn"
+    warm_start: str = "cg_sense"
     operator: str = "coil"
     share_initial: bool = True
     epochs: int = 25
@@ -97,7 +98,8 @@ CHOICES = {"mode": ("meta", "joint"), "val_tasks": ("anatomy", "task"),
            "hypergrad": ("unrolled", "first-order", "implicit"),
            "hypergrad_costate": ("autograd", "sweep", "checkpointed"),
            "costate": ("autograd", "sweep", "checkpointed"),
-           "initial": ("kspace_cnn", "zero_filled", "cg_sense"), "operator": ("coil", "sense"),
+           "initial": ("kspace_cnn", "none"), "warm_start": ("cg_sense", "zero_filled"),
+           "operator": ("coil", "sense"),
            "device": ("auto", "cpu", "cuda")}
 
 HELP = {
@@ -119,8 +121,12 @@ HELP = {
     "costate": "costate solver of the lower level", "checkpoints": "states kept by --costate checkpointed",
     "phases": "unrolled phases T", "width": "feature channels of the phase CNNs",
     "depth": "convolutions per CNN", "kernel": "convolution kernel size (odd)",
-    "initial": "initial network F_0 (cg_sense: 10 CG-SENSE iterations, needs --operator sense)",
-    "operator": "coil: calibration-free; sense: ESPIRiT maps estimated from the sampled centre",
+    "initial": "initial network F_0: a residual k-space CNN on the warm start, or none (F_0 is "
+               "the warm start)",
+    "warm_start": "warm start of F_0: 10 CG-SENSE iterations with ESPIRiT maps estimated from the "
+             "sampled centre, or the zero-filled k-space (no maps anywhere)",
+    "operator": "data term of the phases: coil (calibration-free, coil by coil) or sense "
+                "(ESPIRiT maps estimated from the sampled centre)",
     "share_initial": "share F_0 across the task models",
     "epochs": "epochs (each: lower steps, then upper steps)",
     "lower_steps": "lower-level Adam steps per epoch", "upper_steps": "Ω steps per epoch",
@@ -211,8 +217,6 @@ def validate(cfg: TrainConfig) -> None:
             raise UsageError(f"{name} must be > 0, got {getattr(cfg, name)}")
     if cfg.kernel % 2 == 0:
         raise UsageError(f"kernel must be odd, got {cfg.kernel}")
-    if cfg.initial == "cg_sense" and cfg.operator != "sense":
-        raise UsageError("--initial cg_sense needs --operator sense")
     if not cfg.data:
         unknown = [t for t in [*cfg.tasks, *cfg.unseen] if t not in phantoms.TASKS]
         if unknown:
@@ -406,8 +410,13 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
     dataset = SliceDataset(root)
     plan = split(dataset, cfg)
     coils = dataset[0]["kspace"].shape[0]
-    transform = ReconTransform(seed=cfg.seed, sense=cfg.operator == "sense")
-    variants = [ReconTransform(seed=cfg.seed + 1000 * (v + 1), sense=cfg.operator == "sense")
+    net_cfg = NetworkConfig(coils=coils, phases=cfg.phases, width=cfg.width, depth=cfg.depth,
+                            kernel=cfg.kernel, kspace_width=cfg.width, initial=cfg.initial,
+                            warm_start=cfg.warm_start, operator=cfg.operator)
+    maps: dict = {}  # ESPIRiT maps, shared by the mask draws (see ReconTransform)
+    transform = ReconTransform(seed=cfg.seed, sense=net_cfg.needs_maps, maps_cache=maps)
+    variants = [ReconTransform(seed=cfg.seed + 1000 * (v + 1), sense=net_cfg.needs_maps,
+                               maps_cache=maps)
                 for v in range(cfg.mask_variants)]
     groups = [CachedSubset(dataset, plan["parts"][t]["train"], variants) for t in plan["seen"]]
     if cfg.val_tasks == "anatomy":
@@ -420,9 +429,6 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
     val_sets = [CachedSubset(dataset, val_index[v], transform) for v in val_names]
 
     torch.manual_seed(cfg.seed)
-    net_cfg = NetworkConfig(coils=coils, phases=cfg.phases, width=cfg.width, depth=cfg.depth,
-                            kernel=cfg.kernel, kspace_width=cfg.width, initial=cfg.initial,
-                            operator=cfg.operator)
     model = UnrolledRecon(net_cfg).to(device)
     recon = ReconLoss()
     keys = ("kspace", "mask", "sens")

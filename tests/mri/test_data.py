@@ -298,3 +298,24 @@ def test_cli_unknown_task_exits_2(tmp_path):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert "error: unknown task(s) liver_t1_x4; valid tasks: " + ", ".join(phantoms.TASKS) in last
+
+
+@pytest.mark.parametrize("task, hits", [("knee_pd_equispaced4", True), ("brain_t1_random4", True),
+                                        ("abdomen_t1_radial8", False)])
+def test_shared_maps_cache_gives_the_uncached_maps(tmp_path, task, hits):
+    """ReconTransform's maps through a shared cache are bit-identical to the uncached ones for
+    every mask draw; 1-D masks share the calibration box, so their draws hit the cache, and a
+    radial mask (no calibration box: low-resolution profiles) is never cached."""
+    from applications.mri.evaluate import ReconTransform
+
+    d = phantoms.make_task(task, seed=0, slices=2, size=(48, 48), coils=4)
+    data.write_fastmri(tmp_path / "v.h5", d["kspace"], d["reference"], d["attrs"])
+    ds = data.SliceDataset(tmp_path)
+    cache = {}
+    for s in range(2):
+        sample = ds[s]
+        for seed in range(4):
+            cached = ReconTransform(seed=seed, sense=True, maps_cache=cache)(sample)["sens"]
+            plain = ReconTransform(seed=seed, sense=True)(sample)["sens"]
+            assert torch.equal(cached, plain), (s, seed)
+    assert (0 < len(cache) < 8) if hits else not cache

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import bilevelkit as bk
-from applications.mri import fft, masks
+from applications.mri import baselines, fft, masks
 from applications.mri.losses import ReconLoss, reconstruction
 from applications.mri.network import NetworkConfig, UnrolledRecon
 
@@ -22,12 +22,14 @@ def batch(coils=3, shape=(12, 10), seed=0, sense=False):
 
 
 @pytest.mark.parametrize("operator", ["coil", "sense"])
-@pytest.mark.parametrize("initial", ["kspace_cnn", "zero_filled"])
-def test_check_dynamics_passes(operator, initial):
+@pytest.mark.parametrize("initial", ["kspace_cnn", "none"])
+@pytest.mark.parametrize("warm_start", ["zero_filled", "cg_sense"])
+def test_check_dynamics_passes(operator, initial, warm_start):
     torch.manual_seed(0)
-    net = UnrolledRecon(NetworkConfig(coils=3, phases=2, width=4, kspace_width=4,
-                                      initial=initial, operator=operator))
-    b = batch(sense=operator == "sense")
+    cfg = NetworkConfig(coils=3, phases=2, width=4, kspace_width=4, initial=initial,
+                        warm_start=warm_start, operator=operator)
+    net = UnrolledRecon(cfg)
+    b = batch(sense=cfg.needs_maps)
     ctx = {k: v for k, v in b.items() if k in ("kspace", "mask", "sens")}
     b64 = bk.testing.to_float64(b)
     report = bk.testing.check_dynamics(net, ctx, lambda u: ReconLoss().terminal(u, b64))
@@ -38,7 +40,7 @@ def test_check_dynamics_passes(operator, initial):
 def test_untrained_network_is_a_plain_gradient_step():
     """G̃ starts at zero, so phase t is b = u − ρ Aᴴ(Au − f): data consistency improves."""
     torch.manual_seed(0)
-    net = UnrolledRecon(NetworkConfig(coils=3, phases=3, initial="zero_filled", rho=1.0))
+    net = UnrolledRecon(NetworkConfig(coils=3, phases=3, initial="none", rho=1.0))
     b = batch()
     states = net.rollout({"kspace": b["kspace"], "mask": b["mask"]})
     # ρ = 1 with a binary mask: one gradient step restores the measured samples exactly.
@@ -60,15 +62,29 @@ def test_bad_configuration_and_input():
         sense.rollout({"kspace": batch()["kspace"], "mask": batch()["mask"]})
 
 
-def test_cg_sense_warm_start_is_exact_and_needs_sense():
+@pytest.mark.parametrize("operator", ["coil", "sense"])
+def test_cg_sense_warm_start(operator):
+    """warm_start="cg_sense": u_0 is S·v (coil state) or v (SENSE state) with v = 10 CG-SENSE
+    iterations; the k-space CNN starts at zero, so it starts there too; no maps → clear error."""
     torch.manual_seed(0)
-    net = UnrolledRecon(NetworkConfig(coils=3, phases=2, width=4, operator="sense", initial="cg_sense"))
     b = batch(sense=True)
     ctx = {k: b[k] for k in ("kspace", "mask", "sens")}
-    b64 = bk.testing.to_float64(b)
-    bk.testing.check_dynamics(net, ctx, lambda u: ReconLoss().terminal(u, b64))
-    with pytest.raises(ValueError, match="initial='cg_sense' needs operator='sense'"):
-        NetworkConfig(initial="cg_sense")
+    v = baselines.cg_sense(b["kspace"], b["mask"], b["sens"], iters=10).unsqueeze(1)
+    expected = v if operator == "sense" else b["sens"] * v
+    for initial in ("none", "kspace_cnn"):
+        net = UnrolledRecon(NetworkConfig(coils=3, phases=1, width=4, kspace_width=4,
+                                          warm_start="cg_sense", initial=initial, operator=operator))
+        u0 = net.initial(ctx)
+        if initial == "none":
+            assert torch.equal(u0, expected)
+        else:  # F⁻¹F(S v), and for SENSE Sᴴ S v = v where Σ|S_c|² = 1
+            torch.testing.assert_close(u0, expected, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="='(sense|cg_sense)' needs coil sensitivities"):
+            net.rollout({"kspace": b["kspace"], "mask": b["mask"]})
+    with pytest.raises(ValueError, match="warm_start must be 'zero_filled' or 'cg_sense'"):
+        NetworkConfig(warm_start="espirit")
+    with pytest.raises(ValueError, match="initial must be 'kspace_cnn' or 'none'"):
+        NetworkConfig(initial="zero_filled")
 
 
 def test_phase_correction_is_spread_over_the_coils_by_the_data_profiles():
@@ -77,7 +93,7 @@ def test_phase_correction_is_spread_over_the_coils_by_the_data_profiles():
     from applications.mri.sensitivities import profiles
 
     torch.manual_seed(0)
-    net = UnrolledRecon(NetworkConfig(coils=3, phases=1, width=4, initial="zero_filled"))
+    net = UnrolledRecon(NetworkConfig(coils=3, phases=1, width=4, initial="none"))
     torch.nn.init.normal_(net.phases[0].features_back[-1].weight, std=0.3)  # G̃ ≠ 0
     b = batch()
     ctx = {"kspace": b["kspace"], "mask": b["mask"]}
@@ -97,7 +113,7 @@ def test_gamma_projects_onto_the_profile_span():
     the SENSE network (one image) has no γ."""
     from applications.mri.sensitivities import profiles
 
-    net = UnrolledRecon(NetworkConfig(coils=3, phases=1, width=4, initial="zero_filled"))
+    net = UnrolledRecon(NetworkConfig(coils=3, phases=1, width=4, initial="none"))
     with torch.no_grad():
         net.phases[0].gamma.fill_(1.0)
     b = batch()
@@ -142,4 +158,26 @@ def test_profiles_are_computed_once_per_measurement_and_follow_changes():
     torch.testing.assert_close(net.profiles(ctx), profiles(f))
     other = {"kspace": batch(seed=1)["kspace"], "mask": b["mask"]}
     torch.testing.assert_close(net.profiles(other), profiles(other["kspace"]))
-    assert "_profiles" not in net.state_dict()
+    assert not any(key.startswith("_") for key in net.state_dict())
+
+
+def test_cg_sense_warm_start_is_kept_for_the_same_measurement_only():
+    """The CG-SENSE warm start is cached like the profiles, keyed on kspace, mask and maps:
+    changing any of them in place, or passing another batch, recomputes it."""
+    net = UnrolledRecon(NetworkConfig(coils=3, phases=1, width=4, warm_start="cg_sense", initial="none"))
+    b = batch(sense=True)
+    ctx = {k: b[k].clone() for k in ("kspace", "mask", "sens")}
+
+    def fresh(c):
+        return c["sens"] * baselines.cg_sense(c["kspace"], c["mask"], c["sens"], iters=10).unsqueeze(1)
+
+    first = net.initial(ctx)
+    assert torch.equal(net.initial(ctx), first)
+    for key in ("kspace", "sens"):
+        ctx[key].mul_(torch.exp(1j * torch.linspace(0, 3, ctx[key].shape[-1])))
+        torch.testing.assert_close(net.initial(ctx), fresh(ctx))
+    ctx["mask"][..., 0] = 0  # drop the first column's samples: a different measurement
+    torch.testing.assert_close(net.initial(ctx), fresh(ctx))
+    other = {k: batch(sense=True, seed=1)[k] for k in ("kspace", "mask", "sens")}
+    torch.testing.assert_close(net.initial(other), fresh(other))
+    assert not any(key.startswith("_") for key in net.state_dict())

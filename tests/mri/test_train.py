@@ -113,8 +113,9 @@ def test_sigkill_and_resume_gives_the_uninterrupted_result(tmp_path, cache):
         assert torch.equal(models_a[k], models_b[k]), k
 
 
-def test_two_processes_match_one(tmp_path, cache):
-    argv = ["--epochs", "2", "--batch-size", "2", "--val-tasks", "task"]
+@pytest.mark.parametrize("start", ["zero_filled", "cg_sense"])
+def test_two_processes_match_one(tmp_path, cache, start):
+    argv = ["--epochs", "2", "--batch-size", "2", "--val-tasks", "task", "--warm-start", start]
     one = tmp_path / "one"
     assert train.main(quick(one, cache, *argv)) == 0
     two = tmp_path / "two"
@@ -124,11 +125,21 @@ def test_two_processes_match_one(tmp_path, cache):
                    timeout=600)
     models_a, omega_a, _ = final_weights(one)
     models_b, omega_b, _ = final_weights(two)
-    # float32 all-reduce sums in another order; Adam's normalised steps (lr 2e-3) can turn that
-    # rounding into ~1e-6 differences on near-zero gradients, far below one step.
+    # float32 all-reduce sums in another order; Adam's normalised steps (lr 3e-3) can turn that
+    # rounding into small differences on near-zero gradients, far below one step. The CG-SENSE
+    # start feeds the k-space CNN, whose zero-initialised last layer leaves its first layer with
+    # near-zero gradients for the first steps: there, a few weights move by up to a tenth of a
+    # step; everything else, and the reconstructions, agree as closely as without it.
     torch.testing.assert_close(omega_b, omega_a, rtol=1e-4, atol=1e-6)
     for k in models_a:
-        torch.testing.assert_close(models_b[k], models_a[k], rtol=1e-3, atol=1e-5)
+        near_zero_gradients = start == "cg_sense" and ".initial_net." in k
+        torch.testing.assert_close(models_b[k], models_a[k], rtol=1e-3,
+                                   atol=3e-4 if near_zero_gradients else 1e-5)
+    psnr = [{t: v["model"]["psnr"] for t, v in json.loads((out / "metrics.json").read_text())["tasks"].items()}
+            for out in (one, two)]
+    assert psnr[0].keys() == psnr[1].keys()
+    for t in psnr[0]:
+        assert abs(psnr[0][t] - psnr[1][t]) < 0.01, (t, psnr[0][t], psnr[1][t])
 
 
 def test_hypergradient_costate_option_gives_the_same_weights(tmp_path, cache):
@@ -145,10 +156,14 @@ def test_hypergradient_costate_option_gives_the_same_weights(tmp_path, cache):
     torch.testing.assert_close(omega_b, omega_a, rtol=1e-4, atol=1e-7)
 
 
-def test_sense_operator_with_cg_warm_start(tmp_path, cache):
-    out = tmp_path / "sense"
-    assert train.main(quick(out, cache, "--epochs", "1", "--operator", "sense",
-                            "--initial", "cg_sense")) == 0
+@pytest.mark.parametrize("options", [("--operator", "sense", "--initial", "none"),
+                                     ("--warm-start", "zero_filled")])
+def test_other_operator_and_warm_start(tmp_path, cache, options):
+    """The SENSE network from CG-SENSE without F_0's CNN, and the map-free zero-filled start."""
+    out = tmp_path / "run"
+    assert train.main(quick(out, cache, "--epochs", "1", *options)) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["tasks"]["brain_t1_random4"]["model"]["psnr"] > 15
-    assert train.main(quick(tmp_path / "bad", cache, "--initial", "cg_sense")) == 2
+    with pytest.raises(SystemExit) as exit_:  # argparse: one usage line, exit code 2
+        train.main(quick(tmp_path / "bad", cache, "--warm-start", "espirit"))
+    assert exit_.value.code == 2
