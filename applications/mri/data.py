@@ -68,7 +68,9 @@ def write_fastmri(path: str | os.PathLike, kspace: Tensor | np.ndarray,
 
     ``kspace`` (slices, coils, H, W) complex, ``reference`` (slices, h, w) real; ``attrs``
     become file attributes, ``max`` = max(reference) and ``norm`` = ‖reference‖₂ unless given.
-    The file is written to a temporary name and renamed, so a crash never leaves a partial file.
+    The file is written to a temporary name of this process and renamed, so a crash never
+    leaves a partial file, and processes writing the same file at once (two runs filling one
+    cache) do not collide.
     """
     path = Path(path)
     k, ref = _numpy(kspace), _numpy(reference)
@@ -82,7 +84,7 @@ def write_fastmri(path: str | os.PathLike, kspace: Tensor | np.ndarray,
         if not np.isfinite(x).all():
             raise DataError(f"{path}: {name} contains NaN or Inf")
     attrs = {"max": float(ref.max()), "norm": float(np.linalg.norm(ref)), **attrs}
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with h5py.File(tmp, "w") as f:

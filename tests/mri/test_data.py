@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -319,3 +320,23 @@ def test_shared_maps_cache_gives_the_uncached_maps(tmp_path, task, hits):
             plain = ReconTransform(seed=seed, sense=True)(sample)["sens"]
             assert torch.equal(cached, plain), (s, seed)
     assert (0 < len(cache) < 8) if hits else not cache
+
+
+def test_concurrent_generation_of_one_catalogue(tmp_path):
+    """Two processes filling the same empty cache at once (e.g. a meta and a joint run started
+    together) both succeed, and every file is complete: each writes its own temporary file."""
+    code = ("import sys, time; from applications.mri.data import generate; "
+            "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); "  # start together
+            "generate(sys.argv[1], tasks=['brain_t1_random4', 'knee_pd_equispaced4'], slices=2, "
+            "size=(32, 32), coils=3, volumes=6, progress=False)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = str(time.time() + 5)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), start], cwd=REPO,
+                              env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    ds = data.SliceDataset(tmp_path)
+    assert len(ds) == 2 * 6 * 2 and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{t}_{v:03d}.h5" for t in ("brain_t1_random4", "knee_pd_equispaced4") for v in range(6))
+    assert all(torch.isfinite(ds[i]["kspace"].abs()).all() for i in range(len(ds)))
