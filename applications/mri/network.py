@@ -4,7 +4,7 @@ State: coil images ``u`` (B, C, H, W) complex (calibration-free, the default) or
 ``v`` stored as (B, 1, H, W) when coil sensitivities are given (SENSE). Phases:
 
     x_0 = F_0(f; θ_0):  û = F⁻¹(k̂ + K_{θ_0}(k̂))            residual k-space CNN on a warm start k̂:
-                        k̂ = f (zero-filled) or F(S v_cg)     v_cg = 10 CG-SENSE iterations, S = ctx["sens"]
+                        k̂ = f (zero-filled) or F(S v_cg)     v_cg = cg_iters CG-SENSE iterations, S = ctx["sens"]
     b_t = u_{t-1} − ρ_t Aᴴ(A u_{t-1} − f)                     gradient step, learned ρ_t
     u_t = b_t − γ_t (I − P Pᴴ) b_t + J̃ G̃_t S_{α_t} G_t J_t (b_t)   residual learned proximal map
 
@@ -22,7 +22,7 @@ because P only approximates the coil maps (27.8 → 28.4 dB). With SENSE the sta
 J̃ is the identity and there is no γ_t. No weights are shared across phases. The
 reconstruction is ``RSS(u_T)`` (see :mod:`applications.mri.losses` for why not ``|J(u_T)|``).
 
-The warm start (``warm_start``) is a decision too: ``"cg_sense"`` runs 10 CG-SENSE iterations with
+The warm start (``warm_start``) is a decision too: ``"cg_sense"`` runs ``cg_iters`` CG-SENSE iterations with
 coil maps S estimated from the sampled centre (ESPIRiT, so nothing outside the measured data),
 and K_{θ_0} then corrects the k-space of S·v_cg. The phases stay calibration-free; only the
 start uses the maps. It is what lets the network beat CG-SENSE on the masks whose aliasing
@@ -45,8 +45,6 @@ import bilevelkit as bk
 from applications.mri import baselines, operators, sensitivities
 from applications.mri.fft import fft2c, ifft2c
 
-CG_ITERS = 10  # CG-SENSE iterations of the "cg_sense" warm start
-
 
 @dataclass(frozen=True)
 class NetworkConfig:
@@ -60,12 +58,13 @@ class NetworkConfig:
     kspace_width: int = 16
     initial: str = "kspace_cnn"   # or "none": F_0 is the warm start itself, no parameters
     warm_start: str = "zero_filled"  # of F_0, or "cg_sense" (ctx must carry "sens")
+    cg_iters: int = 20            # CG-SENSE iterations of the "cg_sense" warm start
     operator: str = "coil"        # or "sense" (ctx must carry "sens")
     rho: float = 0.5
     alpha: float = 0.01
 
     def __post_init__(self) -> None:
-        for name in ("coils", "phases", "width", "depth", "kernel", "kspace_width"):
+        for name in ("coils", "phases", "width", "depth", "kernel", "kspace_width", "cg_iters"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"network {name} must be an integer >= 1, got {value!r}")
@@ -182,7 +181,7 @@ class UnrolledRecon(bk.Dynamics):
         k, sense = ctx["kspace"], self.cfg.operator == "sense"
         if self.cfg.warm_start == "cg_sense":
             v = self._memo("cg_sense", (k, ctx["mask"], ctx["sens"]), lambda: baselines.cg_sense(
-                k, ctx["mask"], ctx["sens"], iters=CG_ITERS).unsqueeze(1))
+                k, ctx["mask"], ctx["sens"], iters=self.cfg.cg_iters).unsqueeze(1))
             if self.cfg.initial == "none":
                 return v if sense else ctx["sens"] * v
             k = fft2c(ctx["sens"] * v)

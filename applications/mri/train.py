@@ -75,6 +75,7 @@ class TrainConfig:
     kernel: int = 3
     initial: str = "kspace_cnn"
     warm_start: str = "cg_sense"
+    cg_iters: int = 20
     operator: str = "coil"
     share_initial: bool = True
     epochs: int = 25
@@ -123,7 +124,8 @@ HELP = {
     "depth": "convolutions per CNN", "kernel": "convolution kernel size (odd)",
     "initial": "initial network F_0: a residual k-space CNN on the warm start, or none (F_0 is "
                "the warm start)",
-    "warm_start": "warm start of F_0: 10 CG-SENSE iterations with ESPIRiT maps estimated from the "
+    "cg_iters": "CG-SENSE iterations of the cg_sense warm start",
+    "warm_start": "warm start of F_0: --cg-iters CG-SENSE iterations with ESPIRiT maps estimated from the "
              "sampled centre, or the zero-filled k-space (no maps anywhere)",
     "operator": "data term of the phases: coil (calibration-free, coil by coil) or sense "
                 "(ESPIRiT maps estimated from the sampled centre)",
@@ -203,7 +205,7 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg, name) not in choices:
             raise UsageError(f"{name} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
     for name in ("coils", "slices", "volumes", "mask_variants", "phases", "width", "depth", "kernel", "epochs",
-                 "batch_size", "inner_steps", "checkpoints"):
+                 "batch_size", "inner_steps", "checkpoints", "cg_iters"):
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 1:
             raise UsageError(f"{name} must be an integer >= 1, got {value!r}")
@@ -412,7 +414,8 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
     coils = dataset[0]["kspace"].shape[0]
     net_cfg = NetworkConfig(coils=coils, phases=cfg.phases, width=cfg.width, depth=cfg.depth,
                             kernel=cfg.kernel, kspace_width=cfg.width, initial=cfg.initial,
-                            warm_start=cfg.warm_start, operator=cfg.operator)
+                            warm_start=cfg.warm_start, cg_iters=cfg.cg_iters,
+                            operator=cfg.operator)
     maps: dict = {}  # ESPIRiT maps, shared by the mask draws (see ReconTransform)
     transform = ReconTransform(seed=cfg.seed, sense=net_cfg.needs_maps, maps_cache=maps)
     variants = [ReconTransform(seed=cfg.seed + 1000 * (v + 1), sense=net_cfg.needs_maps,

@@ -64,15 +64,15 @@ def test_bad_configuration_and_input():
 
 @pytest.mark.parametrize("operator", ["coil", "sense"])
 def test_cg_sense_warm_start(operator):
-    """warm_start="cg_sense": u_0 is S·v (coil state) or v (SENSE state) with v = 10 CG-SENSE
-    iterations; the k-space CNN starts at zero, so it starts there too; no maps → clear error."""
+    """warm_start="cg_sense": u_0 is S·v (coil state) or v (SENSE state) with v = cg_iters
+    CG-SENSE iterations; the k-space CNN starts at zero, so it starts there too; no maps → clear error."""
     torch.manual_seed(0)
     b = batch(sense=True)
     ctx = {k: b[k] for k in ("kspace", "mask", "sens")}
-    v = baselines.cg_sense(b["kspace"], b["mask"], b["sens"], iters=10).unsqueeze(1)
+    v = baselines.cg_sense(b["kspace"], b["mask"], b["sens"], iters=4).unsqueeze(1)
     expected = v if operator == "sense" else b["sens"] * v
     for initial in ("none", "kspace_cnn"):
-        net = UnrolledRecon(NetworkConfig(coils=3, phases=1, width=4, kspace_width=4,
+        net = UnrolledRecon(NetworkConfig(coils=3, phases=1, width=4, kspace_width=4, cg_iters=4,
                                           warm_start="cg_sense", initial=initial, operator=operator))
         u0 = net.initial(ctx)
         if initial == "none":
@@ -85,6 +85,8 @@ def test_cg_sense_warm_start(operator):
         NetworkConfig(warm_start="espirit")
     with pytest.raises(ValueError, match="initial must be 'kspace_cnn' or 'none'"):
         NetworkConfig(initial="zero_filled")
+    with pytest.raises(ValueError, match="network cg_iters must be an integer >= 1"):
+        NetworkConfig(cg_iters=0)
 
 
 def test_phase_correction_is_spread_over_the_coils_by_the_data_profiles():
@@ -169,7 +171,8 @@ def test_cg_sense_warm_start_is_kept_for_the_same_measurement_only():
     ctx = {k: b[k].clone() for k in ("kspace", "mask", "sens")}
 
     def fresh(c):
-        return c["sens"] * baselines.cg_sense(c["kspace"], c["mask"], c["sens"], iters=10).unsqueeze(1)
+        return c["sens"] * baselines.cg_sense(c["kspace"], c["mask"], c["sens"],
+                                              iters=net.cfg.cg_iters).unsqueeze(1)
 
     first = net.initial(ctx)
     assert torch.equal(net.initial(ctx), first)
