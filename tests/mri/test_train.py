@@ -127,7 +127,7 @@ def test_two_processes_match_one(tmp_path, cache, start):
     models_b, omega_b, _ = final_weights(two)
     # float32 all-reduce sums in another order; Adam's normalised steps (lr 3e-3) can turn that
     # rounding into small differences on near-zero gradients, far below one step. The CG-SENSE
-    # start (20 CG iterations on a batch of 1 per process instead of 2) carries more rounding
+    # start (CG iterations on a batch of 1 per process instead of 2) carries more rounding
     # into every gradient; there a few weights move by up to a tenth of a step. The
     # reconstructions agree to 0.01 dB in both cases.
     torch.testing.assert_close(omega_b, omega_a, rtol=1e-4, atol=1e-6)
