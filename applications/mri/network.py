@@ -163,9 +163,9 @@ class UnrolledRecon(bk.Dynamics):
         if not (f.is_complex() and f.dim() == 4 and f.shape[1] == self.cfg.coils):
             raise ValueError(f"UnrolledRecon expects kspace (B, {self.cfg.coils}, H, W) complex, "
                              f"got {tuple(f.shape)} {f.dtype}")
-        for option, value in (("operator", "sense"), ("warm_start", "cg_sense")):
-            if getattr(self.cfg, option) == value and "sens" not in ctx:
-                raise ValueError(f"{option}={value!r} needs coil sensitivities ctx['sens'] (B, C, H, W)")
+        if self.cfg.needs_maps and "sens" not in ctx:
+            why = "operator='sense'" if self.cfg.operator == "sense" else "warm_start='cg_sense'"
+            raise ValueError(f"{why} needs coil sensitivities ctx['sens'] (B, C, H, W)")
 
     def gradient(self, u: Tensor, ctx: dict) -> Tensor:
         """``Aᴴ(A u − f)`` in the state's space."""
