@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import torch
 
-_DIMS = (-2, -1)
+DIMS = (-2, -1)
 
 
 def fft2c(x: torch.Tensor) -> torch.Tensor:
     """Centred orthonormal 2-D DFT of a complex image over its last two axes."""
-    x = torch.fft.ifftshift(x, dim=_DIMS)
-    return torch.fft.fftshift(torch.fft.fft2(x, dim=_DIMS, norm="ortho"), dim=_DIMS)
+    x = torch.fft.ifftshift(x, dim=DIMS)
+    return torch.fft.fftshift(torch.fft.fft2(x, dim=DIMS, norm="ortho"), dim=DIMS)
 
 
 def ifft2c(k: torch.Tensor) -> torch.Tensor:
     """Centred orthonormal inverse 2-D DFT of complex k-space over its last two axes."""
-    k = torch.fft.ifftshift(k, dim=_DIMS)
-    return torch.fft.fftshift(torch.fft.ifft2(k, dim=_DIMS, norm="ortho"), dim=_DIMS)
+    k = torch.fft.ifftshift(k, dim=DIMS)
+    return torch.fft.fftshift(torch.fft.ifft2(k, dim=DIMS, norm="ortho"), dim=DIMS)

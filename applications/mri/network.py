@@ -138,6 +138,10 @@ class Phase(nn.Module):
         return out
 
 
+def _data_term(op, f: Tensor) -> tuple:
+    return op, op.adjoint(f)
+
+
 class UnrolledRecon(bk.Dynamics):
     """Unrolled proximal-gradient network for multi-coil MRI, a :class:`bilevelkit.Dynamics`.
 
@@ -168,13 +172,15 @@ class UnrolledRecon(bk.Dynamics):
             raise ValueError(f"{why} needs coil sensitivities ctx['sens'] (B, C, H, W)")
 
     def gradient(self, u: Tensor, ctx: dict) -> Tensor:
-        """``Aᴴ(A u − f)`` in the state's space."""
+        """``Aᴴ(A u − f) = AᴴA u − Aᴴf`` in the state's space; the operator and ``Aᴴf`` are
+        kept per batch, so a phase costs one ``normal`` (two FFTs, two shifts)."""
         f, mask = ctx["kspace"], ctx["mask"]
         if self.cfg.operator == "sense":
-            op = operators.SenseOperator(ctx["sens"], mask)
-            return op.adjoint(op.forward(u[:, 0]) - f).unsqueeze(1)
-        op = operators.CoilOperator(mask)
-        return op.adjoint(op.forward(u) - f)
+            op, adj = self._memo("data_term", (f, mask, ctx["sens"]), lambda: _data_term(
+                operators.SenseOperator(ctx["sens"], mask), f))
+            return (op.normal(u[:, 0]) - adj).unsqueeze(1)
+        op, adj = self._memo("data_term", (f, mask), lambda: _data_term(operators.CoilOperator(mask), f))
+        return op.normal(u) - adj
 
     def initial(self, ctx: dict) -> Tensor:
         self._check(ctx)

@@ -89,6 +89,28 @@ def test_cg_sense_warm_start(operator):
         NetworkConfig(cg_iters=0)
 
 
+@pytest.mark.parametrize("operator", ["coil", "sense"])
+def test_gradient_is_that_of_the_data_term(operator):
+    """``net.gradient`` (AᴴA u − Aᴴf, Aᴴf kept per batch) is Aᴴ(A u − f) written out with the
+    centred FFTs, and follows an in-place change of f."""
+    b = batch(sense=True)
+    net = UnrolledRecon(NetworkConfig(coils=3, phases=1, operator=operator))
+    ctx = {k: b[k].clone() for k in ("kspace", "mask", "sens")}
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(2, 1 if operator == "sense" else 3, 12, 10, generator=g, dtype=torch.complex64)
+    m, s = ctx["mask"], ctx["sens"]
+
+    def expected():
+        if operator == "sense":
+            residual = m * fft.fft2c(s * u) - ctx["kspace"]
+            return (s.conj() * fft.ifft2c(m * residual)).sum(1, keepdim=True)
+        return fft.ifft2c(m * (m * fft.fft2c(u) - ctx["kspace"]))
+
+    torch.testing.assert_close(net.gradient(u, ctx), expected(), rtol=1e-5, atol=1e-5)
+    ctx["kspace"].mul_(-2.0)
+    torch.testing.assert_close(net.gradient(u, ctx), expected(), rtol=1e-5, atol=1e-5)
+
+
 def test_phase_correction_is_spread_over_the_coils_by_the_data_profiles():
     """J̃(x) = P ⊙ x: the learned correction u_t − b_t of every pixel is a multiple of the
     coil profile vector P of the measured data (a coil-wise CNN correction would not be)."""

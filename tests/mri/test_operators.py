@@ -19,7 +19,9 @@ def problems(draw):
     c, h, w = draw(st.integers(1, 4)), draw(st.integers(1, 8)), draw(st.integers(1, 8))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     mask_shape = (1, w) if draw(st.booleans()) else (h, w)
-    mask = (torch.rand(mask_shape, generator=g) < 0.5).double()
+    mask = torch.rand(mask_shape, generator=g, dtype=torch.float64)
+    if draw(st.booleans()):  # binary (sampling), else weighted (M² ≠ M)
+        mask = (mask < 0.5).double()
     return batch, c, h, w, mask, g
 
 
@@ -42,7 +44,8 @@ def test_coil_dot_product_and_normal(problem):
     op = CoilOperator(mask)
     u, y = _randn((*batch, c, h, w), g), _randn((*batch, c, h, w), g)
     torch.testing.assert_close(_inner(op.forward(u), y), _inner(u, op.adjoint(y)))
-    torch.testing.assert_close(op.normal(u), ifft2c(mask * fft2c(u)))
+    torch.testing.assert_close(op.normal(u), op.adjoint(op.forward(u)))
+    torch.testing.assert_close(op.normal(u), ifft2c(mask**2 * fft2c(u)))
 
 
 def test_sense_matches_definition_and_keeps_dtype():
