@@ -58,7 +58,7 @@ class NetworkConfig:
     kspace_width: int = 16
     initial: str = "kspace_cnn"   # or "none": F_0 is the warm start itself, no parameters
     warm_start: str = "zero_filled"  # of F_0, or "cg_sense" (ctx must carry "sens")
-    cg_iters: int = 10            # CG-SENSE iterations of the "cg_sense" warm start
+    cg_iters: int = 20            # CG-SENSE iterations of the "cg_sense" warm start
     operator: str = "coil"        # or "sense" (ctx must carry "sens")
     rho: float = 0.5
     alpha: float = 0.01

@@ -75,7 +75,7 @@ class TrainConfig:
     kernel: int = 3
     initial: str = "kspace_cnn"
     warm_start: str = "cg_sense"
-    cg_iters: int = 10
+    cg_iters: int = 20
     operator: str = "coil"
     share_initial: bool = True
     epochs: int = 25
