@@ -48,6 +48,22 @@ def test_coil_dot_product_and_normal(problem):
     torch.testing.assert_close(op.normal(u), ifft2c(mask**2 * fft2c(u)))
 
 
+def test_normal_differentiates_maps_and_mask_like_the_composition_and_can_be_reused():
+    """Learned maps or masks: ``normal``'s gradients equal those of adjoint(forward(·)), also
+    on a second call of the same operator (no cached graph is back-propagated twice)."""
+    g = torch.Generator().manual_seed(5)
+    sens = _randn((2, 3, 5, 6), g).requires_grad_()
+    mask = torch.rand(1, 6, generator=g, dtype=torch.float64).requires_grad_()
+    v, u = _randn((2, 5, 6), g), _randn((2, 3, 5, 6), g)
+    sense, coil = SenseOperator(sens, mask), CoilOperator(mask)
+    for _ in range(2):
+        for op, x, inputs in ((sense, v, (sens, mask)), (coil, u, (mask,))):
+            fast = torch.autograd.grad(op.normal(x).abs().pow(2).sum(), inputs)
+            slow = torch.autograd.grad(op.adjoint(op.forward(x)).abs().pow(2).sum(), inputs)
+            for a, b in zip(fast, slow):
+                torch.testing.assert_close(a, b)
+
+
 def test_sense_matches_definition_and_keeps_dtype():
     g = torch.Generator().manual_seed(0)
     sens, v = _randn((3, 5, 6), g, torch.complex64), _randn((5, 6), g, torch.complex64)
