@@ -59,10 +59,11 @@ def _uncentred_square(mask: Tensor, like: Tensor) -> Tensor:
     return torch.fft.ifftshift(m * m, dim=DIMS)
 
 
-def _normal(u: Tensor, uncentred_mask: Tensor) -> Tensor:
-    """F⁻¹ M² F u over the last two axes, with M² given uncentred (:func:`_uncentred_square`)."""
-    x = torch.fft.fft2(torch.fft.ifftshift(u, dim=DIMS), dim=DIMS, norm="ortho")
-    return torch.fft.fftshift(torch.fft.ifft2(x * uncentred_mask, dim=DIMS, norm="ortho"), dim=DIMS)
+def _between_shifts(x: Tensor, uncentred_mask: Tensor) -> Tensor:
+    """``ifft2(M' · fft2(x))`` over the last two axes: F⁻¹ M² F without its outer shifts, for an
+    uncentred image ``x`` and M' = :func:`_uncentred_square`."""
+    k = torch.fft.fft2(x, dim=DIMS, norm="ortho")
+    return torch.fft.ifft2(k * uncentred_mask, dim=DIMS, norm="ortho")
 
 
 def _check_complex(x: Tensor, name: str, min_dim: int) -> None:
@@ -119,9 +120,8 @@ class SenseOperator:
             if not (self.sens.requires_grad or self.mask.requires_grad):
                 self._uncentred = uncentred  # kept: the maps and the mask are constants
         sens, sens_conj, mask = uncentred
-        x = torch.fft.fft2(sens * torch.fft.ifftshift(v, dim=DIMS).unsqueeze(-3), dim=DIMS, norm="ortho")
-        y = (sens_conj * torch.fft.ifft2(x * mask, dim=DIMS, norm="ortho")).sum(dim=-3)
-        return torch.fft.fftshift(y, dim=DIMS)
+        coils = sens * torch.fft.ifftshift(v, dim=DIMS).unsqueeze(-3)
+        return torch.fft.fftshift((sens_conj * _between_shifts(coils, mask)).sum(dim=-3), dim=DIMS)
 
 
 class CoilOperator:
@@ -152,7 +152,7 @@ class CoilOperator:
             mask = _uncentred_square(self.mask, u)
             if not self.mask.requires_grad:
                 self._uncentred = mask
-        return _normal(u, mask)
+        return torch.fft.fftshift(_between_shifts(torch.fft.ifftshift(u, dim=DIMS), mask), dim=DIMS)
 
 
 def rss(coil_images: Tensor, dim: int = -3) -> Tensor:
