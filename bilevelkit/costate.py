@@ -67,7 +67,9 @@ class _Solver:
         params = dict(dynamics.named_parameters())
         for name, g in result.grads.items():
             p = params[name]
-            p.grad = g if p.grad is None else p.grad.add_(g)
+            # a copy, as autograd's accumulation makes when it must: g may be an expanded view
+            # (stride 0, which a later in-place add cannot write into) or a kept multiplier
+            p.grad = g.clone(memory_format=torch.contiguous_format) if p.grad is None else p.grad.add_(g)
         return result.loss
 
     def __repr__(self) -> str:
@@ -77,6 +79,15 @@ class _Solver:
 
 def _trainable(dynamics: Dynamics) -> dict[str, Tensor]:
     return {n: p for n, p in dynamics.named_parameters() if p.requires_grad}
+
+
+def _differentiable(value: Tensor) -> Tensor:
+    """The terminal loss, if it has an autograd graph to differentiate."""
+    if not value.requires_grad:
+        raise ValueError("loss(x_T) has no autograd graph: it does not depend on x_T (or was "
+                         "computed under torch.no_grad() or detached), so there is no gradient "
+                         "to compute")
+    return value
 
 
 def _unused_error(names: list[str]) -> ValueError:
@@ -112,7 +123,7 @@ class AutogradCostate(_Solver):
                     probes.append(torch.zeros_like(x, requires_grad=True))
                     x = x + probes[-1]
                 states.append(x)
-            value = check_loss(loss(states[-1]))
+            value = _differentiable(check_loss(loss(states[-1])))
             inputs = [*params.values(), *probes]
             grads = torch.autograd.grad(value, inputs, allow_unused=True) if inputs else ()
         unused = [n for n, g in zip(params, grads) if g is None]
@@ -162,7 +173,7 @@ class _Sweep:
         x_T = self.advance(self.T, x_prev)
         with torch.enable_grad():
             x = x_T.detach().requires_grad_()
-            value = check_loss(self.loss(x))
+            value = _differentiable(check_loss(self.loss(x)))
             (lam,) = torch.autograd.grad(value, x, allow_unused=True)
         self.value, self.output = value.detach(), x_T
         return x_T, torch.zeros_like(x_T) if lam is None else lam

@@ -106,8 +106,8 @@ class InnerOptimizer:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if not self.eps > 0:
-            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"eps must be a finite number > 0, got {self.eps}")
 
     def init(self, params: Mapping[str, Tensor]) -> OptState:
         """The state before the first update: zero buffers shaped like ``params``."""
@@ -231,7 +231,9 @@ class Unrolled:
         _gradient(inner_loss, theta, weights, False, "at inner step 0", check=True)
         loop = InnerLoop(inner_loss, theta, omega, self.steps, self.lr, self.inner_optimizer,
                          normalizer, self.learn_lr)
-        res = self.costate.solve(loop, None, lambda x: outer_loss(loop.unflatten(x)))
+        where = f"after {self.steps} inner steps"
+        res = self.costate.solve(
+            loop, None, lambda x: _scalar(outer_loss(loop.unflatten(x)), "outer_loss", where))
         return _result(loop.unflatten(res.output), res.grads["omega"], weights, res.loss,
                        lr_grad=float(res.grads["lr"]) if self.learn_lr else None)
 
@@ -365,12 +367,12 @@ class Implicit:
         _check_steps_lr(self.steps, self.lr, min_steps=0)
         if self.solver not in ("cg", "neumann"):
             raise ValueError(f"solver must be 'cg' or 'neumann', got {self.solver!r}")
-        if not (isinstance(self.iters, int) and self.iters >= 1):
+        if not (isinstance(self.iters, int) and not isinstance(self.iters, bool) and self.iters >= 1):
             raise ValueError(f"iters must be an integer >= 1, got {self.iters!r}")
-        if not self.damping >= 0:
-            raise ValueError(f"damping must be >= 0, got {self.damping}")
-        if not self.tol >= 0:
-            raise ValueError(f"tol must be >= 0, got {self.tol}")
+        if not (math.isfinite(self.damping) and self.damping >= 0):
+            raise ValueError(f"damping must be a finite number >= 0, got {self.damping}")
+        if not (math.isfinite(self.tol) and self.tol >= 0):
+            raise ValueError(f"tol must be a finite number >= 0, got {self.tol}")
 
     @torch.enable_grad()
     def __call__(

@@ -57,7 +57,8 @@ def softmax(w: Tensor, dim: int = 0, temperature: float = 1.0) -> Tensor:
     dim = _check(w, dim)
     if not float(temperature) > 0:
         raise ValueError(f"temperature must be > 0, got {float(temperature)}")
-    return torch.softmax(w / temperature, dim=dim)
+    # shift first: w / T itself overflows for large |w| and small T
+    return torch.softmax((w - w.amax(dim=dim, keepdim=True)) / temperature, dim=dim)
 
 
 class _Sparsemax(torch.autograd.Function):
@@ -106,9 +107,12 @@ class _Entmax15(torch.autograd.Function):
     def forward(w: Tensor, dim: int) -> Tensor:
         x = (w - w.amax(dim=dim, keepdim=True)) / 2
         xs = torch.sort(x, dim=dim, descending=True).values
-        s1, s2 = xs.cumsum(dim), (xs * xs).cumsum(dim)
         # Sorted entry k is in the support iff Σ_{i≤k} (x_(i) − x_(k))² < 1 (true for a prefix).
-        spread = s2 - 2 * xs * s1 + _ranks(x, dim) * xs * xs
+        # Expanded into cumulative sums this cancels badly for long inputs (many near-ties),
+        # so it is evaluated in float64 whatever the input's precision.
+        xd = xs.double()
+        s1, s2 = xd.cumsum(dim), (xd * xd).cumsum(dim)
+        spread = s2 - 2 * xd * s1 + _ranks(xd, dim) * xd * xd
         size = (spread < 1).sum(dim=dim, keepdim=True)
         inside = x >= xs.gather(dim, size - 1)
         k = size.to(x.dtype)

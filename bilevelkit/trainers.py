@@ -14,6 +14,7 @@ hypergradients are averaged across ranks.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -169,7 +170,8 @@ class MLMTrainer:
         return self.history
 
     def state_dict(self) -> dict:
-        return {"model": self.dynamics.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": copy.deepcopy(self.dynamics.state_dict()),
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
                 "epoch": self.epoch, "history": list(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -244,13 +246,25 @@ class BilevelTrainer:
         if mode not in ("meta", "joint"):
             raise ValueError(f"mode must be 'meta' or 'joint', got {mode!r}")
         for name, v in (("lower_steps", lower_steps), ("upper_steps", upper_steps)):
-            if not isinstance(v, int) or v < 0:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        for name, v in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name} must be None (whole dataset) or an integer >= 1, got {v!r}")
+        rates = [("lr", lr), ("meta_lr", meta_lr)] + ([("inner_lr", inner_lr)] if hypergrad is None else [])
+        for name, v in rates:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
         N, M = len(train_groups), len(val_tasks)
         self.group_names = list(group_names or [f"group{i}" for i in range(N)])
         self.task_names = list(task_names or [f"task{j}" for j in range(M)])
         if len(self.group_names) != N or len(self.task_names) != M:
             raise ValueError("group_names/task_names must name every group/task once")
+        for kind, names, sets in (("training group", self.group_names, train_groups),
+                                  ("validation task", self.task_names, val_tasks)):
+            for name, data in zip(names, sets):
+                if len(data) == 0:
+                    raise ValueError(f"{kind} {name!r} is empty")
         self.loss, self.train_groups, self.val_tasks = loss, list(train_groups), list(val_tasks)
         self.mode, self.normalizer = mode, normalizers.get(normalizer)
         self.hypergrad = hypergrad or hg.Unrolled(steps=1, lr=inner_lr)
@@ -349,15 +363,19 @@ class BilevelTrainer:
                        for g, idx in zip(self.train_groups, plans[j][0])]
             val = self.sampler.collect(self.val_tasks[j], plans[j][1], split=False)
 
-            def inner_loss(params, weights, bound=bound, batches=batches):
-                terms = [weights[i] * functional_call(bound, params, (b,))
+            # the look-ahead works on copies of the buffers (e.g. batch-norm statistics), which
+            # the upper level must not update, and moves only what the lower level trains
+            buffers = {f"model.{n}": b.clone() for n, b in model.named_buffers()}
+
+            def inner_loss(params, weights, bound=bound, batches=batches, buffers=buffers):
+                terms = [weights[i] * functional_call(bound, {**buffers, **params}, (b,))
                          for i, b in enumerate(batches) if float(weights[i].detach()) > 0]
                 return torch.stack(terms).sum()
 
-            def outer_loss(params, bound=bound, val=val):
-                return functional_call(bound, params, (val,))
+            def outer_loss(params, bound=bound, val=val, buffers=buffers):
+                return functional_call(bound, {**buffers, **params}, (val,))
 
-            params = {f"model.{n}": p.detach() for n, p in model.named_parameters()}
+            params = {f"model.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
             omega, _ = self._column(j)
             try:
                 res = self.hypergrad(inner_loss, outer_loss, params, omega.detach(),
@@ -406,9 +424,10 @@ class BilevelTrainer:
 
     def state_dict(self) -> dict:
         """Everything needed to resume exactly: models, Ω, optimizers, sampler RNG, epoch."""
-        return {"models": self.models.state_dict(), "omega": self.omega.detach().clone(),
-                "optimizer": self.optimizer.state_dict(),
-                "meta_optimizer": self.meta_optimizer.state_dict(),
+        # copies, not views: a state kept in memory must not move on with further training
+        return {"models": copy.deepcopy(self.models.state_dict()), "omega": self.omega.detach().clone(),
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "meta_optimizer": copy.deepcopy(self.meta_optimizer.state_dict()),
                 "sampler": self.sampler.generator.get_state(), "epoch": self.epoch,
                 "history": copy.deepcopy(self.history)}
 

@@ -140,3 +140,35 @@ def test_backward_accumulates_like_autograd():
     bk.CheckpointedSweep(1).backward(dyn, ctx, loss)
     for n, p in dyn.named_parameters():
         assert_close(p.grad, 2 * once[n], n)
+
+
+class _ScaledBySum(bk.Dynamics):
+    """x_1 = x_0 · Σ g: the gradient autograd returns for g is an expanded (stride 0) tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.horizon = 1
+        self.g = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+    def initial(self, ctx):
+        return ctx["f"]
+
+    def step(self, t, x, ctx):
+        return x * self.g.sum()
+
+
+@pytest.mark.parametrize("solver", [bk.AutogradCostate(), bk.AdjointSweep(), bk.CheckpointedSweep(2)])
+def test_backward_twice_with_an_expanded_gradient(solver):
+    dyn, ctx = _ScaledBySum(), {"f": torch.randn(4, 3, dtype=torch.float64)}
+    loss = lambda x: (x ** 2).sum()  # noqa: E731
+    solver.backward(dyn, ctx, loss)
+    solver.backward(dyn, ctx, loss)
+    expected = torch.autograd.grad(2 * loss(dyn.rollout(ctx)[-1]), dyn.g)[0]
+    assert_close(dyn.g.grad, expected, "g")
+
+
+@pytest.mark.parametrize("solver", [bk.AutogradCostate(), bk.AdjointSweep(), bk.CheckpointedSweep(2)])
+def test_loss_without_a_graph_is_a_clear_error(solver):
+    dyn, ctx = _ScaledBySum(), {"f": torch.randn(4, 3, dtype=torch.float64)}
+    with pytest.raises(ValueError, match="loss\\(x_T\\) has no autograd graph"):
+        solver.solve(dyn, ctx, lambda x: torch.tensor(1.0, dtype=torch.float64))

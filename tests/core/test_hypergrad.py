@@ -411,6 +411,9 @@ def test_omega_that_does_not_reach_the_inner_loss_is_an_error(method):
     lambda: hg.Implicit(steps=1, lr=0.1, iters=0),
     lambda: hg.Implicit(steps=1, lr=0.1, damping=-1.0),
     lambda: hg.Implicit(steps=1, lr=0.1, tol=-1.0),
+    lambda: hg.Implicit(steps=1, lr=0.1, damping=float("inf")),
+    lambda: hg.Implicit(steps=1, lr=0.1, iters=True),
+    lambda: hg.Unrolled(steps=2, lr=0.1, optimizer="adam", eps=float("inf")),
 ])
 def test_bad_settings(make):
     with pytest.raises(ValueError):

@@ -87,3 +87,10 @@ def test_trainer_accepts_costate_hypergradients():
         trainer.fit(3)
         out.append(trainer.omega.clone())
     torch.testing.assert_close(out[0], out[1], rtol=1e-10, atol=1e-12)
+
+
+def test_costate_route_names_a_non_finite_outer_loss():
+    inner_loss, outer_loss, params, omega = mlp_problem(3, 4, seed=3)
+    with pytest.raises(FloatingPointError, match="outer_loss is nan after 2 inner steps"):
+        Unrolled(steps=2, lr=0.1, costate=bk.AdjointSweep())(
+            inner_loss, lambda p: outer_loss(p) * float("nan"), params, omega)

@@ -157,3 +157,17 @@ def test_temperature_and_get():
         nz.get("sparsemax2")
     with pytest.raises(ValueError):
         nz.get(None)
+
+
+def test_extreme_but_finite_scores():
+    """Large scores at a small temperature, and a long column of near-ties in float32 (where
+    entmax's support test, written as cumulative sums, once lost all its digits)."""
+    p = nz.softmax(torch.tensor([1e38, 0.0]), temperature=0.1)
+    assert torch.equal(p, torch.tensor([1.0, 0.0]))
+    ties = torch.cat([torch.zeros(1), torch.full((200_000,), -2.02)])
+    for f in ALL:
+        p = f(ties)
+        assert p.dtype == torch.float32 and bool(torch.isfinite(p).all()) and bool((p >= 0).all())
+        assert float(p.double().sum()) == pytest.approx(1.0, abs=1e-4), f.__name__  # float32 rounding
+    oracle, _ = bisection(ties.double(), 0, "entmax15")
+    torch.testing.assert_close(nz.entmax15(ties).double(), oracle, atol=1e-6, rtol=0)

@@ -236,3 +236,65 @@ def test_sampled_lower_level_is_unbiased():
         for i, c in trainer._lower_terms(0):
             draws[i] += c
     torch.testing.assert_close(draws / 2000, W, atol=0.02, rtol=0)
+
+
+def test_bad_sizes_and_rates_name_the_argument():
+    train, val = cleaning_problem()
+    for kwargs, message in [({"batch_size": 0}, "batch_size must be None"),
+                            ({"batch_size": -1}, "batch_size must be None"),
+                            ({"val_batch_size": 2.5}, "val_batch_size must be None"),
+                            ({"inner_lr": -1.0}, "inner_lr must be a finite number > 0"),
+                            ({"meta_lr": float("nan")}, "meta_lr must be a finite number > 0"),
+                            ({"lr": 0}, "lr must be a finite number > 0")]:
+        with pytest.raises(ValueError, match=message):
+            BilevelTrainer(linear(), mse, train, val, **kwargs)
+    empty = TensorDataset(torch.zeros(0, 5, dtype=DT), torch.zeros(0, dtype=DT))
+    with pytest.raises(ValueError, match="training group 'b' is empty"):
+        BilevelTrainer(linear(), mse, [train[0], empty], val, group_names=["a", "b"])
+
+
+def test_state_dict_is_a_snapshot():
+    """A state kept in memory resumes from where it was taken, not from later training."""
+    train, val = cleaning_problem()
+    trainer = BilevelTrainer(linear(), mse, train, val, lower_steps=2, batch_size=8, seed=3)
+    trainer.fit(1)
+    kept = trainer.state_dict()
+    reference = copy.deepcopy(kept)
+    trainer.fit(3)
+    for k, v in reference["models"].items():
+        assert torch.equal(kept["models"][k], v), k
+    assert kept["optimizer"]["state"][0]["step"] == reference["optimizer"]["state"][0]["step"]
+    resumed = BilevelTrainer(linear(), mse, train, val, lower_steps=2, batch_size=8, seed=3)
+    resumed.load_state_dict(kept)
+    resumed.fit(3)
+    assert torch.equal(resumed.omega, trainer.omega)
+    for a, b in zip(resumed.models.parameters(), trainer.models.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_upper_step_leaves_buffers_and_frozen_weights_alone():
+    """The look-ahead of the hypergradient trains what the lower level trains: frozen weights
+    stay put inside it, and batch-norm statistics are not updated from its batches (nor from
+    the validation batch)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4),
+                              torch.nn.Linear(4, 1)).to(DT)
+    net[2].weight.requires_grad_(False)
+    train, val = cleaning_problem()
+    trainer = BilevelTrainer(net, mse, train, val, batch_size=8)
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen["params"] = args[2]
+        seen["result"] = bk.hypergrad.Unrolled(steps=2, lr=0.1)(*args, **kwargs)
+        return seen["result"]
+
+    trainer.hypergrad = spy
+    trainer.lower_step()
+    model = trainer.models[0]
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    trainer.upper_step()
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n]), n
+    assert "model.2.weight" not in seen["params"] and "model.2.weight" not in seen["result"].params
+    assert not torch.equal(trainer.omega, torch.zeros_like(trainer.omega))
