@@ -1,11 +1,13 @@
 """Evaluate a trained reconstruction network: ``python -m applications.mri.evaluate``.
 
 Reconstructs every slice of every file under ``--data`` (real fastMRI multicoil files or the
-synthetic ones), with undersampling from the file's task attributes or ``--mask``/
+synthetic ones) except the slices the checkpoint was trained or validated on (unless
+``--include-training``), with undersampling from the file's task attributes or ``--mask``/
 ``--acceleration``, and compares the model with zero-filled RSS and CG-SENSE (coil maps
 estimated from the fully sampled centre). Metrics follow fastMRI: per volume, data range = the
 volume's maximum, then averaged over the volumes of a task. Writes ``metrics.json`` (layout
-below), a figure of reconstructions and error maps, and prints a table::
+below) and ``reconstructions.png`` (per task: reference, model, zero-filled, CG-SENSE and
+their error maps) to ``--out``, and prints a table::
 
     {"tasks": {TASK: {"model": {"psnr", "ssim", "nmse"}, "zero_filled": {...},
                       "cg_sense": {...}, "seen": bool, "model_task": str, ...}},
@@ -20,7 +22,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import pickle
+import re
 import sys
+import zipfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -273,14 +278,24 @@ def group_files(dataset: SliceDataset, indices: Sequence[int], transform: Callab
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
     """Load a training checkpoint safely (``weights_only=True``); clear errors otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; pass the checkpoint file in it (checkpoint.pt or best.pt)")
     if not path.is_file():
         raise UsageError(f"{path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):
+        raise UsageError(f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive; this "
+                         "file is not one, or is truncated)")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is reported the same way
-        raise UsageError(f"{path}: refused to load: the file is not a bilevelkit checkpoint that "
-                         f"loads with weights_only=True (it may need arbitrary unpickling, which "
-                         f"we never do, or be truncated): {type(err).__name__}") from err
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        raise UsageError(f"{path}: refused to load: it holds objects that only arbitrary unpickling "
+                         "could rebuild" + (f" ({found.group(1)})" if found else "")
+                         + ", which we never do (weights_only=True); it is not a checkpoint of "
+                         "applications.mri.train") from err
+    except Exception as err:  # noqa: BLE001 - a damaged archive, whatever torch raises for it
+        raise UsageError(f"{path}: cannot read the checkpoint ({type(err).__name__}: {err})"
+                         .split("\n")[0]) from err
     if not isinstance(state, dict) or "config" not in state or "trainer" not in state:
         raise UsageError(f"{path}: not a bilevelkit MRI training checkpoint (no config/trainer)")
     return state
@@ -316,16 +331,25 @@ def models_from_checkpoint(state: dict, device: torch.device) -> dict[str, torch
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m applications.mri.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt or best.pt of a training run")
-    p.add_argument("--data", required=True, help="folder of fastMRI-layout .h5 files (real or synthetic)")
-    p.add_argument("--out", required=True, help="folder for metrics.json and figures")
+    p.add_argument("--data", required=True, help="folder of fastMRI-layout .h5 files (real or synthetic), "
+                   "e.g. the training run's data folder (its config.toml or train.log names it)")
+    p.add_argument("--out", required=True, help="folder for metrics.json and reconstructions.png "
+                   "(not a training run's folder)")
     p.add_argument("--mask", default=None, choices=masks.FAMILIES,
                    help="mask family (default: each file's mask_family attribute)")
     p.add_argument("--acceleration", type=float, default=None,
-                   help="acceleration (default: each file's attribute)")
+                   help="acceleration R >= 1 (default: each file's attribute)")
     p.add_argument("--adapt", type=int, default=0, metavar="STEPS",
-                   help="fine-tune the nearest model on an unseen task's first volume first")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=1234, help="mask seed (per file and slice)")
+                   help="fine-tune the nearest model on the first volume of each task that has no "
+                   "model of its own, then score the others (default: 0, no fine-tuning)")
+    p.add_argument("--include-training", action="store_true",
+                   help="also score the slices the checkpoint was trained or validated on (left out "
+                   "by default, so that scores are held-out ones)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto picks CUDA when present (default: auto)")
+    p.add_argument("--seed", type=int, default=1234, help="mask seed (per file and slice; default: 1234)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads, 0 for torch's default (default: 1, as in training)")
     return p
 
 
@@ -340,23 +364,48 @@ def pick_device(name: str) -> torch.device:
 def run(args: argparse.Namespace) -> dict:
     from applications.mri import figures
 
-    device = pick_device(args.device)
-    state = load_checkpoint(args.checkpoint, device)
     if args.adapt < 0:
         raise UsageError(f"--adapt must be >= 0, got {args.adapt}")
+    if args.threads < 0:
+        raise UsageError(f"--threads must be >= 0, got {args.threads}")
+    if args.acceleration is not None and not args.acceleration >= 1:
+        raise UsageError(f"--acceleration must be >= 1, got {args.acceleration}")
+    out = Path(args.out)
+    if any((out / f).exists() for f in ("checkpoint.pt", "config.toml")):
+        raise UsageError(f"--out {out} holds a training run, whose metrics.json and figures this "
+                         "would overwrite; choose another --out")
+    if not Path(args.data).exists():
+        raise UsageError(f"--data {args.data}: no such folder")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    state = load_checkpoint(args.checkpoint, device)
     models = models_from_checkpoint(state, device)
     dataset = SliceDataset(args.data)
+    indices = list(range(len(dataset)))
+    trained = state.get("trained_on", {})
+    if trained and not args.include_training:
+        indices = [i for i in indices if dataset.examples[i].slice
+                   not in trained.get(Path(dataset.examples[i].fname).name, ())]
+        left = len(dataset) - len(indices)
+        if not indices:
+            raise UsageError(f"--data {args.data}: the checkpoint was trained or validated on every "
+                             "slice there; point --data at held-out files or pass --include-training")
+        if left:
+            print(f"left out {left} of {len(dataset)} slices that the checkpoint was trained or "
+                  "validated on (--include-training scores them too)", file=sys.stderr)
     transform = ReconTransform(args.mask, args.acceleration, seed=args.seed,
                                sense=network_config(state).needs_maps)
-    files = group_files(dataset, range(len(dataset)), transform)
+    files = group_files(dataset, indices, transform)
     seen = [t for t in files if t in state.get("seen_tasks", [])]
     results, rows = evaluate_tasks(models, files, seen, device, args.adapt)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results["checkpoint"] = str(args.checkpoint)
+    results["held_out_only"] = bool(trained) and not args.include_training
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     figures.reconstructions(out / "reconstructions.png", rows)
     print(table(results))
+    print(f"\noutputs in {out}/ (metrics.json, reconstructions.png)")
     return results
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import difflib
 import json
 import logging
 import os
@@ -108,7 +109,9 @@ HELP = {
             "each file's task/acquisition attribute (default: the built-in synthetic catalogue)",
     "cache": "where the synthetic catalogue is generated and reused",
     "out": "output folder (checkpoints, metrics.json, figures, logs)",
-    "tasks": "use only these tasks", "unseen": "hold these tasks out of training (evaluated only)",
+    "tasks": "use only these tasks (default: all tasks of the data)",
+    "unseen": "hold these tasks out of training, evaluate only (default: none besides the "
+              "catalogue's held-out tasks)",
     "size": "image size H W of the synthetic data", "coils": "coils of the synthetic data",
     "slices": "slices per synthetic volume", "volumes": "synthetic volumes per task",
     "mask_variants": "undersampling masks per training slice (augmentation; masks differ by seed)",
@@ -148,12 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--config", metavar="FILE.toml", help="options from a TOML file (CLI overrides it)")
-    p.add_argument("--quick", action="store_true", help="tiny configuration for smoke tests (~1 min)")
+    p.add_argument("--quick", action="store_true", help="tiny configuration for smoke tests (under a minute)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoint.pt")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
-        kw: dict[str, Any] = {"help": f"{HELP[f.name]} (default: {default})"}
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        kw: dict[str, Any] = {"help": HELP[f.name] if "default" in HELP[f.name] or shown in ("", [])
+                              else f"{HELP[f.name]} (default: {shown})"}
         if f.name in CHOICES:
             kw["choices"] = CHOICES[f.name]
         if isinstance(default, bool):
@@ -180,10 +185,38 @@ def load_toml(path: str) -> dict:
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in known:
-            raise UsageError(f"--config {path}: unknown option {key!r}; valid options: "
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(f"--config {path}: unknown option {key!r}{hint}; valid options: "
                              + ", ".join(sorted(known)))
-        out[name] = value
+        out[name] = _typed(value, getattr(TrainConfig(), name), f"--config {path}: option {key!r}")
     return out
+
+
+def _typed(value: Any, default: Any, where: str) -> Any:
+    """``value`` if it has the type of the option's ``default`` (an int is a valid float)."""
+    if isinstance(default, list):
+        kind = int if default and isinstance(default[0], int) else str
+        if isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+            return value
+        what = "a list of integers" if kind is int else "a list of names, e.g. [\"knee_pd_random4\"]"
+    elif isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        what = "true or false"
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        what = "an integer"
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        what = "a number"
+    else:
+        if isinstance(value, str):
+            return value
+        what = "a string"
+    raise UsageError(f"{where} must be {what}, got {value!r}")
 
 
 def resolve(argv: Sequence[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
@@ -317,10 +350,13 @@ def hypergradient(cfg: TrainConfig) -> Any:
 class Recorder:
     """Epoch callback of rank 0: CSV logs, weights.csv, TensorBoard, checkpoints, progress."""
 
-    def __init__(self, out: Path, cfg: TrainConfig, meta: dict, bar: Any, val_loss: Any):
+    def __init__(self, out: Path, cfg: TrainConfig, meta: dict, bar: Any, val_loss: Any,
+                 start: float):
+        """``start``: ``time.perf_counter()`` at the run's start (earlier runs' time subtracted
+        when resuming), so ``seconds`` in the logs counts the whole run."""
         self.out, self.cfg, self.meta, self.bar, self.val_loss = out, cfg, meta, bar, val_loss
         self.best = meta.get("best", float("inf"))
-        self.start = time.perf_counter()
+        self.start = start
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(out / "tensorboard"))
@@ -353,7 +389,7 @@ class Recorder:
             self.tb.add_scalar("loss/train", mean_train, epoch)
             self.tb.add_scalar("loss/val", mean_val, epoch)
         state = {**self.meta, "trainer": trainer.state_dict(), "torch_rng": torch.get_rng_state(),
-                 "best": min(self.best, mean_val)}
+                 "best": min(self.best, mean_val), "seconds": time.perf_counter() - self.start}
         save_atomic(state, self.out / "checkpoint.pt")
         if mean_val < self.best:
             self.best = mean_val
@@ -362,6 +398,13 @@ class Recorder:
                  mean_val, float(W.min()), float(W.max()))
         self.bar.set_postfix(train=f"{mean_train:.4f}", val=f"{mean_val:.4f}")
         self.bar.update(1)
+
+
+def _keep_epochs(path: Path, epochs: int) -> None:
+    """Drop the rows of a per-epoch CSV log (first column: epoch from 1) after ``epochs``."""
+    if path.is_file():
+        header, *rows = path.read_text().splitlines(keepends=True)
+        path.write_text(header + "".join(r for r in rows if int(r.split(",", 1)[0]) <= epochs))
 
 
 def setup_logging(out: Path, rank: int) -> None:
@@ -396,21 +439,30 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
     out = Path(cfg.out).expanduser()
     state = None
     if resume:
+        if not (out / "checkpoint.pt").is_file():
+            unfinished = (out / "config.toml").is_file()
+            raise UsageError(f"--resume: {out} has no checkpoint.pt to continue from"
+                             + ("; the run there stopped before its first epoch ended, start it "
+                                "again without --resume" if unfinished else ""))
         state = load_checkpoint(out / "checkpoint.pt", "cpu")
         cfg = dataclasses.replace(TrainConfig(**state["config"]),
                                   **{k: getattr(cfg, k) for k in given if hasattr(cfg, k)})
-    elif rank == 0 and out.exists() and any((out / f).exists() for f in ("checkpoint.pt", "config.toml")):
+    elif rank == 0 and (out / "checkpoint.pt").exists():
         raise UsageError(f"--out {out} holds another run; pass --resume to continue it or choose "
                          "another --out")
+    if cfg.data:  # config.toml must work from any directory
+        cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).expanduser().resolve()))
+    t0 = time.perf_counter()
+    resumed_seconds = state.get("seconds", 0.0) if state else 0.0
+
+    # read and check the data before writing anything: a bad --data leaves --out untouched
+    root = data_root(cfg, rank)
+    dataset = SliceDataset(root)
+    plan = split(dataset, cfg)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_toml(out / "config.toml", cfg)
     setup_logging(out, rank)
-    t0 = time.perf_counter()
-
-    root = data_root(cfg, rank)
-    dataset = SliceDataset(root)
-    plan = split(dataset, cfg)
     coils = dataset[0]["kspace"].shape[0]
     net_cfg = NetworkConfig(coils=coils, phases=cfg.phases, width=cfg.width, depth=cfg.depth,
                             kernel=cfg.kernel, kspace_width=cfg.width, initial=cfg.initial,
@@ -450,6 +502,9 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
     if state is not None:
         trainer.load_state_dict(state["trainer"])
         torch.set_rng_state(state["torch_rng"])
+        if rank == 0:  # a kill after an epoch's log rows but before its checkpoint left extra rows
+            for name in ("train_log.csv", "weights.csv"):
+                _keep_epochs(out / name, trainer.epoch)
 
     @torch.no_grad()
     def val_loss(tr: bk.trainers.BilevelTrainer) -> list[float]:
@@ -459,7 +514,12 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
             values.append(float(loss(m, batch)))
         return values
 
+    trained_on: dict[str, list[int]] = defaultdict(list)  # file name → slices (evaluate skips them)
+    for t in plan["seen"]:
+        for i in plan["parts"][t]["train"] + plan["parts"][t]["val"]:
+            trained_on[Path(dataset.examples[i].fname).name].append(dataset.examples[i].slice)
     meta = {"config": dataclasses.asdict(cfg), "network": dataclasses.asdict(net_cfg),
+            "trained_on": {k: sorted(v) for k, v in sorted(trained_on.items())},
             "task_names": val_names, "group_names": plan["seen"], "seen_tasks": plan["seen"],
             "unseen_tasks": plan["unseen"], "best": state.get("best", float("inf")) if state else float("inf")}
     log.info("data %s: seen %s, unseen %s; W is %d groups x %d validation tasks", root,
@@ -477,11 +537,11 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
 
     trainer.step_callbacks.append(step_done)
     if rank == 0:
-        trainer.callbacks.append(Recorder(out, cfg, meta, bar, val_loss))
+        trainer.callbacks.append(Recorder(out, cfg, meta, bar, val_loss, t0 - resumed_seconds))
     trainer.fit(cfg.epochs)
     steps.close()
     bar.close()
-    train_seconds = time.perf_counter() - t0
+    train_seconds = time.perf_counter() - t0 + resumed_seconds
     if rank != 0:
         return None
 
@@ -499,7 +559,11 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     figures.reconstructions(out / "reconstructions.png", rows)
     figures.weight_heatmap(out / "weights.png", trainer.weights.cpu(), plan["seen"], val_names)
-    figures.training_curves(out / "curves.png", trainer.history, task_names=val_names)
+    # the curves show what train_log.csv holds: epochs from 1, the full validation loss of each
+    # task model (the trainer's own val_loss is the upper steps' minibatch loss, none in joint mode)
+    curves = [{"epoch": h["epoch"] + 1, "train_loss": h["train_loss"],
+               "val_loss": h.get("val_loss_full", [])} for h in trainer.history]
+    figures.training_curves(out / "curves.png", curves, task_names=val_names)
     summary = table(results)
     log.info("\n%s", summary)
     print(summary)
@@ -514,6 +578,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(cfg, getattr(args, "resume", False), given=list(vars(args)))
     except (UsageError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
+        if log.handlers:  # the run got as far as its log file
+            log.error("error: %s", err)
         return 2
     finally:
         if dist.is_initialized():

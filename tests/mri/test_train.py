@@ -56,13 +56,36 @@ def test_bad_input_exits_2_with_one_message(tmp_path, cache, quick_run, capsys):
         (quick(tmp_path / "b", cache, "--tasks", "brain_t9_magic"), "unknown task(s) brain_t9_magic"),
         (quick(quick_run, cache), "holds another run; pass --resume"),
     ]
-    bad_config = tmp_path / "bad.toml"
-    bad_config.write_text("epochs = 2\nlearning_rate = 0.1\n")
-    cases.append((["--config", str(bad_config)], "unknown option 'learning_rate'"))
+    for i, (text, message) in enumerate([
+            ("epochs = 2\nlearning_rate = 0.1\n", "unknown option 'learning_rate'"),
+            ("epochz = 2\n", "unknown option 'epochz' (did you mean 'epochs'?)"),
+            ('epochs = "ten"\n', "option 'epochs' must be an integer, got 'ten'"),
+            ('tasks = "brain_t1_random4"\n', "option 'tasks' must be a list of names"),
+            ("lr = true\n", "option 'lr' must be a number, got True")]):
+        bad_config = tmp_path / f"bad{i}.toml"
+        bad_config.write_text(text)
+        cases.append((["--config", str(bad_config)], f"--config {bad_config}: {message}"))
     for argv, message in cases:
         assert train.main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+    # a run refused for its data writes nothing, so the same --out works once the data is right
+    assert not (tmp_path / "a").exists()
+    # --resume where no epoch ever finished says so instead of "no such file"
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "config.toml").write_text("epochs = 3\n")
+    assert train.main(quick(tmp_path / "unfinished", cache, "--resume")) == 2
+    assert "stopped before its first epoch ended" in capsys.readouterr().err
+
+
+def test_config_toml_names_an_absolute_data_folder(quick_run, cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(cache)
+    data = next(p.name for p in Path(cache).iterdir() if p.is_dir())  # relative to the cwd
+    out = tmp_path / "run"
+    assert train.main(quick(out, cache, "--data", data, "--epochs", "1")) == 0
+    monkeypatch.chdir(tmp_path)  # the file still names the same folder from anywhere else
+    cfg, _ = train.resolve(["--config", str(out / "config.toml")])
+    assert Path(cfg.data).is_absolute() and Path(cfg.data) == Path(cache, data).resolve()
 
 
 def test_evaluate_cli_and_adaptation(quick_run, cache, tmp_path, capsys):
@@ -74,15 +97,48 @@ def test_evaluate_cli_and_adaptation(quick_run, cache, tmp_path, capsys):
     assert "knee_pd_random8" in metrics["unseen"]
     assert metrics["tasks"]["knee_pd_random8"]["adapted_steps"] == 2
     assert metrics["tasks"]["knee_pd_random8"]["model_task"].startswith("knee")
-    assert "model PSNR" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "model PSNR" in captured.out and f"outputs in {out}/" in captured.out
+    assert "left out" in captured.err and "--include-training" in captured.err
 
 
-def test_unsafe_checkpoint_is_refused(tmp_path, capsys):
-    path = tmp_path / "evil.pt"
-    torch.save({"config": {}, "trainer": {}, "payload": evaluate.UsageError("x")}, path)
-    args = ["--checkpoint", str(path), "--data", str(tmp_path), "--out", str(tmp_path / "o")]
-    assert evaluate.main(args) == 2
-    assert "weights_only=True" in capsys.readouterr().err
+def test_evaluate_scores_held_out_slices_only(quick_run, tmp_path):
+    """Pointed at the training data, evaluate leaves out what the checkpoint was trained and
+    validated on: with the training run's mask seed it reproduces the run's own test scores."""
+    train_metrics = json.loads((quick_run / "metrics.json").read_text())
+    data = train.resolve(["--config", str(quick_run / "config.toml")])[0]
+    root = Path(data.cache).expanduser() / "64x64-c4-s2-v3-seed0"
+    base = ["--checkpoint", str(quick_run / "checkpoint.pt"), "--data", str(root), "--seed", "0"]
+    assert evaluate.main(base + ["--out", str(tmp_path / "held")]) == 0
+    held = json.loads((tmp_path / "held" / "metrics.json").read_text())
+    assert held["held_out_only"] and held["seen"] == train_metrics["seen"]
+    for task in train_metrics["seen"] + train_metrics["unseen"]:  # the folder has other tasks too
+        assert held["tasks"][task]["volumes"] == train_metrics["tasks"][task]["volumes"]
+        assert held["tasks"][task]["model"] == pytest.approx(train_metrics["tasks"][task]["model"])
+    assert evaluate.main(base + ["--out", str(tmp_path / "all"), "--include-training"]) == 0
+    every = json.loads((tmp_path / "all" / "metrics.json").read_text())
+    assert not every["held_out_only"]
+    assert all(every["tasks"][t]["volumes"] == 3 for t in every["seen"])
+
+
+def test_evaluate_bad_input_exits_2_with_one_message(quick_run, tmp_path, capsys):
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    evil = tmp_path / "evil.pt"
+    torch.save({"config": {}, "trainer": {}, "payload": evaluate.UsageError("x")}, evil)
+    ckpt = str(quick_run / "best.pt")
+    cases = [
+        ([evil, tmp_path, tmp_path / "o"], "evaluate.UsageError), which we never do (weights_only=True)"),
+        ([text, tmp_path, tmp_path / "o"], "not a PyTorch checkpoint"),
+        ([quick_run, tmp_path, tmp_path / "o"], "is a folder; pass the checkpoint file in it"),
+        ([ckpt, tmp_path, quick_run], "holds a training run"),
+        ([ckpt, tmp_path / "missing", tmp_path / "o"], "no such folder"),
+    ]
+    for (checkpoint, data, out), message in cases:
+        assert evaluate.main(["--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert (quick_run / "metrics.json").stat().st_size > 0  # the training run's own results stay
 
 
 def final_weights(out):
@@ -111,6 +167,11 @@ def test_sigkill_and_resume_gives_the_uninterrupted_result(tmp_path, cache):
     assert torch.equal(omega_a, omega_b)
     for k in models_a:
         assert torch.equal(models_a[k], models_b[k]), k
+    # the log's clock counts the whole run: it goes on from the checkpoint instead of restarting
+    rows = (killed / "train_log.csv").read_text().splitlines()[1:]
+    seconds = [float(r.split(",")[1]) for r in rows]
+    assert len(seconds) == 6 and seconds == sorted(seconds), seconds
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 7))
 
 
 @pytest.mark.parametrize("start", ["zero_filled", "cg_sense"])
@@ -166,3 +227,11 @@ def test_other_operator_and_warm_start(tmp_path, cache, options):
     with pytest.raises(SystemExit) as exit_:  # argparse: one usage line, exit code 2
         train.main(quick(tmp_path / "bad", cache, "--warm-start", "espirit"))
     assert exit_.value.code == 2
+
+
+def test_resume_drops_log_rows_of_an_epoch_without_checkpoint(tmp_path):
+    log = tmp_path / "train_log.csv"
+    log.write_text("epoch,seconds\n1,1.0\n2,2.0\n3,3.5\n")
+    train._keep_epochs(log, 2)
+    assert log.read_text() == "epoch,seconds\n1,1.0\n2,2.0\n"
+    train._keep_epochs(tmp_path / "absent.csv", 2)  # nothing to do
