@@ -266,7 +266,8 @@ class CheckpointedSweep(_Solver):
     The states between stored checkpoints are recomputed from the nearest stored one with the
     binomial schedule of Griewank and Walther ("revolve"): phases are reversed right to left
     and the checkpoint positions chosen so that no phase is re-evaluated more than ``r``
-    times, ``r`` the least integer with ``C(k − 1 + r, r) ≥ T``.
+    times, ``r`` the least integer with ``C(k − 1 + r, r) ≥ T`` (for ``k ≥ 2``; with ``k = 1``
+    only ``x_0`` is kept and phase ``t`` is re-evaluated ``T − t`` times).
 
     Memory: ``k`` states plus one phase's activations, whatever ``T``. Time: at most
     ``(r + 1)·T`` phase evaluations plus the ``T`` VJPs; ``k = T + 1`` costs what

@@ -427,6 +427,10 @@ def _prepare(
             )
     if not (isinstance(omega, Tensor) and omega.is_floating_point()):
         raise ValueError(f"omega must be a real floating tensor, got {_describe(omega)}")
+    devices = {str(v.device) for v in params.values()} | {str(omega.device)}
+    if len(devices) > 1:
+        where = ", ".join(f"{k}: {v.device}" for k, v in params.items())
+        raise ValueError(f"params and omega must be on one device, got omega: {omega.device}, {where}")
     omega = omega.detach().requires_grad_()
     weights = normalizers.get(normalizer)(omega)
     if not (isinstance(weights, Tensor) and weights.requires_grad):

@@ -433,6 +433,9 @@ def test_bad_arguments(method):
             method(p.inner, p.outer, start(p), bad)
     with pytest.raises(ValueError, match="one-element"):
         method(lambda q, w: w * p.inner(q, w), p.outer, start(p), omega)
+    elsewhere = {k: v.to("meta") for k, v in start(p).items()}  # another device, on any machine
+    with pytest.raises(ValueError, match="params and omega must be on one device"):
+        method(p.inner, p.outer, elsewhere, omega)
     with pytest.raises(FloatingPointError, match="outer_loss is nan"):
         method(p.inner, lambda q: p.outer(q) * float("nan"), start(p), omega)
 
