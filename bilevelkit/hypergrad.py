@@ -111,12 +111,10 @@ class InnerOptimizer:
 
     def init(self, params: Mapping[str, Tensor]) -> OptState:
         """The state before the first update: zero buffers shaped like ``params``."""
+        if self.name == "sgd":
+            return OptState(step=0, first={}, second={})
         zeros = {k: torch.zeros_like(v) for k, v in params.items()}
-        return OptState(
-            step=0,
-            first=zeros if self.name != "sgd" else {},
-            second=dict(zeros) if self.name == "adam" else {},
-        )
+        return OptState(step=0, first=zeros, second=dict(zeros) if self.name == "adam" else {})
 
     def update(
         self, params: Mapping[str, Tensor], state: OptState, grads: Mapping[str, Tensor], lr: float | Tensor
@@ -427,8 +425,7 @@ def _prepare(
             )
     if not (isinstance(omega, Tensor) and omega.is_floating_point()):
         raise ValueError(f"omega must be a real floating tensor, got {_describe(omega)}")
-    devices = {str(v.device) for v in params.values()} | {str(omega.device)}
-    if len(devices) > 1:
+    if any(v.device != omega.device for v in params.values()):
         where = ", ".join(f"{k}: {v.device}" for k, v in params.items())
         raise ValueError(f"params and omega must be on one device, got omega: {omega.device}, {where}")
     omega = omega.detach().requires_grad_()
@@ -560,7 +557,7 @@ def _result(
     params: Params, hypergrad: Tensor, weights: Tensor, outer: Tensor, residual: float | None = None,
     lr_grad: float | None = None,
 ) -> HypergradResult:
-    if not bool(torch.isfinite(hypergrad).all()):
+    if not normalizers.all_finite(hypergrad):
         raise FloatingPointError("the hypergradient is not finite")
     return HypergradResult(
         params={k: v.detach() for k, v in params.items()},

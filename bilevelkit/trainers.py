@@ -76,7 +76,7 @@ def _all_reduce(tensors: Sequence[Tensor], mean: bool = True) -> None:
 
 
 def _finite_or_raise(value: Tensor, what: str) -> None:
-    if not bool(torch.isfinite(value).all()):
+    if not normalizers.all_finite(value):
         raise NonFiniteError(f"{what} is not finite ({value.detach().flatten()[:4].tolist()}...); "
                              "the step was not applied and the last good state is kept")
 
