@@ -16,6 +16,7 @@ masked k-space and target, both divided by ``scale`` = max of the zero-filled RS
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -148,6 +149,9 @@ def _inspect(path: Path) -> tuple[int, dict]:
         if ks.ndim != 4:
             raise DataError(f"{path}: 'kspace' has shape {ks.shape}; expected 4-D multicoil "
                             f"k-space (slices, coils, H, W)")
+        for name in ("reconstruction_rss", "ismrmrd_header"):
+            if name in f and not isinstance(f[name], h5py.Dataset):
+                raise DataError(f"{path}: '{name}' is an HDF5 group; expected a dataset")
         if "reconstruction_rss" in f:
             rec = f["reconstruction_rss"]
             if rec.dtype.kind != "f" or rec.ndim != 3 or rec.shape[0] != ks.shape[0]:
@@ -156,6 +160,12 @@ def _inspect(path: Path) -> tuple[int, dict]:
         attrs = {key: _plain(value) for key, value in f.attrs.items()}
         if "ismrmrd_header" in f:
             attrs.update(_parse_header(f["ismrmrd_header"][()], path))
+            left, right, width = attrs["padding_left"], attrs["padding_right"], ks.shape[-1]
+            if not 0 <= left < right <= width:
+                raise DataError(
+                    f"{path}: ismrmrd_header's encodingLimits/kspace_encoding_step_1 (centre and "
+                    f"maximum) and encodedSpace y put the measured phase encodes at columns "
+                    f"[{left}, {right}); expected 0 <= first < end <= {width}, the k-space width")
         attrs["task"] = str(attrs.get("task") or attrs.get("acquisition") or "unknown")
         return ks.shape[0], attrs
 
@@ -272,6 +282,8 @@ class MaskTransform:
     def __init__(self, family: str | None = None, acceleration: float | None = None,
                  center_fraction: float | None = None, seed: int | None = 0,
                  crop: Sequence[int] | None = None) -> None:
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
         self.family, self.acceleration = family, acceleration
         self.center_fraction, self.seed = center_fraction, seed
         self.crop = None if crop is None else tuple(crop)
@@ -288,6 +300,7 @@ class MaskTransform:
         cf = self.center_fraction
         cf = attrs.get("center_fraction", 0.08) if cf is None else cf
         reference = sample["reference"]
+        width = kspace.shape[-1]
         if self.crop is not None:
             kspace = fft.fft2c(_center_crop(fft.ifft2c(kspace), self.crop, fname, "coil images"))
         if reference is None:
@@ -308,9 +321,15 @@ class MaskTransform:
         except RuntimeError as e:
             raise DataError(f"{fname}: mask of shape {tuple(mask.shape)} does not fit k-space "
                             f"(H, W) = ({H}, {W})") from e
-        if self.crop is None and "padding_left" in attrs:
-            mask[..., :attrs["padding_left"]] = 0
-            mask[..., attrs["padding_right"]:] = 0
+        if "padding_left" in attrs:  # never sample what was not measured (zero padding)
+            # a crop to w columns resamples k-space: column j of it is column j·W/w of the file's
+            first = math.ceil(attrs["padding_left"] * W / width)
+            end = math.floor(attrs["padding_right"] * W / width)
+            mask[..., :first] = 0
+            mask[..., end:] = 0
+        if not bool(mask.any()):
+            raise DataError(f"{fname}: slice {s}: the {settings['family']} mask samples no measured "
+                            f"k-space point")
         masked = kspace * mask + 0.0
         scale = operators.rss(fft.ifft2c(masked), dim=-3).max()
         scale = scale.clamp_min(torch.finfo(scale.dtype).tiny)  # all-zero data stay zero

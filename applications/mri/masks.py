@@ -44,8 +44,8 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, int]:
 
 
 def _check_acceleration(acceleration: float) -> None:
-    if not acceleration >= 1:
-        raise ValueError(f"acceleration must be >= 1, got {acceleration}")
+    if not (acceleration >= 1 and math.isfinite(acceleration)):
+        raise ValueError(f"acceleration must be a finite number >= 1, got {acceleration}")
 
 
 def _n_low(n: int, center_fraction: float) -> int:
@@ -249,7 +249,16 @@ def _radial_for(h: int, w: int, acceleration: float) -> Tensor:
 def acceleration(mask: Tensor, shape: Sequence[int]) -> float:
     """Achieved acceleration H·W / #{sampled points of the mask broadcast to (H, W)}."""
     h, w = _check_shape(shape)
-    sampled = int(torch.broadcast_to(mask, (h, w)).count_nonzero())
+    lead = mask.shape[:-2] if mask.dim() > 2 else ()
+    if any(n != 1 for n in lead):
+        raise ValueError(f"a mask of shape {tuple(mask.shape)} is not one (H, W) pattern; expected "
+                         f"(W,), (1, W), (H, W) or those with leading axes of size 1")
+    try:
+        sampled = int(torch.broadcast_to(mask.reshape(mask.shape[-2:] if mask.dim() > 1 else mask.shape),
+                                         (h, w)).count_nonzero())
+    except RuntimeError as e:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to (H, W) = "
+                         f"({h}, {w})") from e
     if sampled == 0:
         raise ValueError("mask samples no k-space point")
     return h * w / sampled

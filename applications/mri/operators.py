@@ -39,16 +39,21 @@ def _check_mask(mask: Tensor) -> Tensor:
     return mask
 
 
-def apply_mask(k: Tensor, mask: Tensor) -> Tensor:
-    """M k + 0.0: zero the unsampled k-space locations, leaving +0.0 (never -0.0) there."""
-    _check_mask(mask)
-    h, w = k.shape[-2:]
+def _check_fits(mask: Tensor, x: Tensor) -> None:
+    """The mask's last two axes broadcast to the (H, W) of ``x`` (k-space or images)."""
+    h, w = x.shape[-2:]
     mh, mw = mask.shape[-2:]
     if mh not in (1, h) or mw not in (1, w):
         raise ValueError(
             f"mask shape {tuple(mask.shape)} does not broadcast to the k-space image axes "
             f"(H, W) = ({h}, {w}); expected last two axes in {{1, {h}}} x {{1, {w}}}"
         )
+
+
+def apply_mask(k: Tensor, mask: Tensor) -> Tensor:
+    """M k + 0.0: zero the unsampled k-space locations, leaving +0.0 (never -0.0) there."""
+    _check_mask(mask)
+    _check_fits(mask, k)
     return k * mask.to(device=k.device, dtype=k.real.dtype) + 0.0
 
 
@@ -113,6 +118,7 @@ class SenseOperator:
     def normal(self, v: Tensor) -> Tensor:
         """AᴴA v = Σ_c S_c* F⁻¹ M² F (S_c v), computed with the shifts of F, F⁻¹ cancelled."""
         self._check_image(v)
+        _check_fits(self.mask, v)
         uncentred = self._uncentred
         if uncentred is None:
             sens = torch.fft.ifftshift(self.sens, dim=DIMS)
@@ -147,6 +153,7 @@ class CoilOperator:
     def normal(self, u: Tensor) -> Tensor:
         """AᴴA u = (F⁻¹ M² F u_c)_c (M² = M for a binary mask), the shifts of F, F⁻¹ cancelled."""
         _check_complex(u, "coil images", 3)
+        _check_fits(self.mask, u)
         mask = self._uncentred
         if mask is None or mask.dtype != u.real.dtype or mask.device != u.device:
             mask = _uncentred_square(self.mask, u)

@@ -87,6 +87,10 @@ def test_reads_real_fastmri_layout(tmp_path):
     assert not out["mask"][..., :1].any() and not out["mask"][..., 33:].any()
     cropped = data.MaskTransform("random", 4, crop=(32, 32))(sample)
     assert cropped["kspace"].shape == (3, 32, 32) and cropped["mask"].shape == (1, 32, 32)
+    # the padding band [0, 1) ∪ [33, 36) of 36 columns, rescaled to 32 and rounded inward
+    for seed in range(20):
+        m = data.MaskTransform("random", 2, seed=seed, crop=(32, 32))(sample)["mask"]
+        assert not m[..., :1].any() and not m[..., 30:].any(), seed  # ceil(32/36), floor(33·32/36)
     with pytest.raises(data.DataError, match="file1000001.h5.*mask_family"):
         data.MaskTransform()(sample)
 
@@ -139,9 +143,34 @@ def _not_hdf5(path):
     path.write_text("this is not an HDF5 file\n")
 
 
+def _group_as_reference(path):
+    _raw_fastmri(path, rss=False)
+    with h5py.File(path, "a") as f:
+        f.create_group("reconstruction_rss")
+
+
+def _group_as_header(path):
+    _raw_fastmri(path)
+    with h5py.File(path, "a") as f:
+        del f["ismrmrd_header"]
+        f.create_group("ismrmrd_header")
+
+
+def _limits_outside_kspace(path):
+    _raw_fastmri(path)
+    with h5py.File(path, "a") as f:  # centre 2 columns right of the middle, 31 encodes: [-2, 29)
+        del f["ismrmrd_header"]
+        f.create_dataset("ismrmrd_header", data=FASTMRI_HEADER.replace(
+            "<maximum>31</maximum><center>17</center>", "<maximum>30</maximum><center>20</center>"
+        ).encode())
+
+
 BAD = [(_no_kspace, "no 'kspace' dataset"), (_real_kspace, "expected complex"),
        (_three_d_kspace, "expected 4-D"), (_truncated, "not a readable HDF5 file"),
-       (_not_hdf5, "not a readable HDF5 file")]
+       (_not_hdf5, "not a readable HDF5 file"),
+       (_group_as_reference, "'reconstruction_rss' is an HDF5 group; expected a dataset"),
+       (_group_as_header, "'ismrmrd_header' is an HDF5 group; expected a dataset"),
+       (_limits_outside_kspace, r"kspace_encoding_step_1.*columns \[-2, 29\); expected 0 <= first")]
 
 
 @pytest.mark.parametrize("make_bad, problem", BAD, ids=[f.__name__ for f, _ in BAD])
@@ -340,3 +369,13 @@ def test_concurrent_generation_of_one_catalogue(tmp_path):
     assert len(ds) == 2 * 6 * 2 and sorted(p.name for p in tmp_path.iterdir()) == sorted(
         f"{t}_{v:03d}.h5" for t in ("brain_t1_random4", "knee_pd_equispaced4") for v in range(6))
     assert all(torch.isfinite(ds[i]["kspace"].abs()).all() for i in range(len(ds)))
+
+
+def test_mask_with_no_measured_point_and_bad_seed_are_errors(tmp_path):
+    sample = data.SliceDataset(_raw_fastmri(tmp_path / "f.h5"))[0]
+    sample["attrs"].update(padding_left=2, padding_right=3)  # one measured column, off centre
+    with pytest.raises(data.DataError, match="f.h5: slice 0: the equispaced mask samples no measured"):
+        for seed in range(50):  # most of the 8 offsets miss column 2
+            data.MaskTransform("equispaced", 8, 0.03, seed=seed)(sample)
+    with pytest.raises(ValueError, match="seed must be None or an integer >= 0"):
+        data.MaskTransform(seed=-1)

@@ -87,13 +87,22 @@ def test_acceleration_counts_after_broadcasting():
     assert masks.acceleration(m, (7, 10)) == 2.0
     with pytest.raises(ValueError, match="samples no"):
         masks.acceleration(torch.zeros(1, 10), (7, 10))
+    # the (1, H, W) mask MaskTransform emits, and (W,)
+    assert masks.acceleration(m.expand(7, 10)[None], (7, 10)) == 2.0
+    assert masks.acceleration(m[0], (7, 10)) == 2.0
+    with pytest.raises(ValueError, match="is not one \\(H, W\\) pattern"):
+        masks.acceleration(torch.ones(2, 7, 10), (7, 10))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        masks.acceleration(torch.ones(1, 9), (7, 10))
+    with pytest.raises(ValueError, match="finite number >= 1"):
+        masks.make("equispaced", (8, 8), float("inf"))
 
 
 @pytest.mark.parametrize(
     "call, match",
     [
         (lambda: masks.make("spiral", (64, 64), 4), ", ".join(masks.FAMILIES)),
-        (lambda: masks.make("random", (64, 64), 0.5), "acceleration must be >= 1"),
+        (lambda: masks.make("random", (64, 64), 0.5), "acceleration must be a finite number >= 1"),
         (lambda: masks.make("random", (64, 64, 2), 4), "shape must be"),
         (lambda: masks.make("random", (64,), 4), "shape must be"),
         (lambda: masks.make("equispaced", (64, 64), 4, center_fraction=0.0), "center_fraction"),

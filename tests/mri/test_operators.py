@@ -115,6 +115,11 @@ def test_bad_masks(mask, match):
     u = torch.zeros(2, 4, 5, dtype=torch.complex64)
     with pytest.raises(ValueError, match=match):
         CoilOperator(mask).forward(u)
+    if mask.dim() >= 2 and not mask.is_complex():  # CG-SENSE and the network call only normal
+        with pytest.raises(ValueError, match=match):
+            CoilOperator(mask).normal(u)
+        with pytest.raises(ValueError, match=match):
+            SenseOperator(torch.ones(2, 4, 5, dtype=torch.complex64), mask).normal(u[0])
 
 
 def test_bad_shapes():
