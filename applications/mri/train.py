@@ -118,7 +118,7 @@ HELP = {
     "mode": "meta: learn W = σ(Ω); joint: uniform weights (the baseline)",
     "val_tasks": "validation tasks: one per anatomy, or one per seen task",
     "normalizer": "σ, normalising each column of Ω onto the simplex",
-    "hypergrad": "hypergradient strategy of the upper level",
+    "hypergrad": "hypergradient strategy of the upper level (implicit: a 10-term Neumann series)",
     "hypergrad_costate": "how unrolled hypergradients are computed: autograd keeps the k-step "
                          "graph, sweep/checkpointed use the inner loop's costate sweep (memory flat in k)",
     "inner_steps": "inner (look-ahead) steps k of the hypergradient", "inner_lr": "inner step size",
@@ -344,7 +344,10 @@ def hypergradient(cfg: TrainConfig) -> Any:
         return bk.hypergrad.Unrolled(steps=cfg.inner_steps, lr=cfg.inner_lr, costate=costate)
     if cfg.hypergrad == "first-order":
         return bk.hypergrad.FirstOrder(steps=cfg.inner_steps - 1, lr=cfg.inner_lr)
-    return bk.hypergrad.Implicit(steps=cfg.inner_steps, lr=cfg.inner_lr, iters=10, damping=1e-3)
+    # Neumann, not CG: away from a minimum the network's inner Hessian is indefinite, where CG
+    # stops (it measured pᵀHp < 0 in the first epochs of --quick) and the series does not
+    return bk.hypergrad.Implicit(steps=cfg.inner_steps, lr=cfg.inner_lr, solver="neumann",
+                                 iters=10, damping=1e-3)
 
 
 class Recorder:
@@ -502,6 +505,10 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
     if state is not None:
         trainer.load_state_dict(state["trainer"])
         torch.set_rng_state(state["torch_rng"])
+        for optimizer, name in ((trainer.optimizer, "lr"), (trainer.meta_optimizer, "meta_lr")):
+            if name in given:  # the checkpoint's optimizer state carries the old rate
+                for group in optimizer.param_groups:
+                    group["lr"] = getattr(cfg, name)
         if rank == 0:  # a kill after an epoch's log rows but before its checkpoint left extra rows
             for name in ("train_log.csv", "weights.csv"):
                 _keep_epochs(out / name, trainer.epoch)
@@ -538,9 +545,11 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
     trainer.step_callbacks.append(step_done)
     if rank == 0:
         trainer.callbacks.append(Recorder(out, cfg, meta, bar, val_loss, t0 - resumed_seconds))
-    trainer.fit(cfg.epochs)
-    steps.close()
-    bar.close()
+    try:
+        trainer.fit(cfg.epochs)
+    finally:  # an error message starts on a line of its own
+        steps.close()
+        bar.close()
     train_seconds = time.perf_counter() - t0 + resumed_seconds
     if rank != 0:
         return None
@@ -581,6 +590,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if log.handlers:  # the run got as far as its log file
             log.error("error: %s", err)
         return 2
+    except bk.trainers.NonFiniteError as err:
+        checkpoint = Path(cfg.out).expanduser() / "checkpoint.pt"
+        hint = ("checkpoint.pt holds the last completed epoch: --resume with a smaller --lr or "
+                "--meta-lr continues from it" if checkpoint.is_file() else
+                "no epoch was completed: start again with a smaller --lr or --meta-lr")
+        print(f"error: training stopped: {err}. {hint}", file=sys.stderr)
+        log.error("training stopped: %s", err)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

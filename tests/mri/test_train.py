@@ -235,3 +235,26 @@ def test_resume_drops_log_rows_of_an_epoch_without_checkpoint(tmp_path):
     train._keep_epochs(log, 2)
     assert log.read_text() == "epoch,seconds\n1,1.0\n2,2.0\n"
     train._keep_epochs(tmp_path / "absent.csv", 2)  # nothing to do
+
+
+def test_implicit_hypergradient_trains(tmp_path, cache):
+    """--hypergrad implicit on the non-convex network (CG stopped on negative curvature here)."""
+    out = tmp_path / "implicit"
+    assert train.main(quick(out, cache, "--epochs", "2", "--hypergrad", "implicit",
+                            "--inner-steps", "3")) == 0
+    _, omega, epoch = final_weights(out)
+    assert epoch == 2 and not torch.equal(omega, torch.zeros_like(omega))
+
+
+def test_non_finite_training_stops_with_one_message_and_resume_takes_a_new_lr(tmp_path, cache, capsys):
+    assert train.main(quick(tmp_path / "diverged", cache, "--lr", "1e30")) == 1
+    err = capsys.readouterr().err
+    assert "error: training stopped: epoch 0" in err and "no epoch was completed" in err, err
+    assert "Traceback" not in err
+    out = tmp_path / "slower"
+    assert train.main(quick(out, cache, "--epochs", "1")) == 0
+    assert train.main(quick(out, cache, "--resume", "--epochs", "2", "--lr", "1e-4", "--meta-lr", "0.05")) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert [g["lr"] for g in state["trainer"]["optimizer"]["param_groups"]] == [1e-4]
+    assert [g["lr"] for g in state["trainer"]["meta_optimizer"]["param_groups"]] == [0.05]
+    assert state["config"]["lr"] == 1e-4 and state["trainer"]["epoch"] == 2
