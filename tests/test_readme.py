@@ -1,4 +1,4 @@
-"""README stays true: the tour runs, and CI runs exactly README's test command."""
+"""README and the guide stay true: the tour and the guide run, and CI runs exactly README's test command."""
 import re
 from pathlib import Path
 
@@ -19,3 +19,14 @@ def test_ci_runs_readme_test_command():
     assert main_job.endswith("python -m applications.mri.train")
     assert tests.endswith("python -m pytest")
     assert tests in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_guide_runs_as_one_script(capsys):
+    """docs/guide.md says its snippets run in order as one script: they do."""
+    guide = (ROOT / "docs" / "guide.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", guide, re.S)
+    assert len(blocks) >= 5
+    namespace: dict = {}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"docs/guide.md, snippet {i + 1}", "exec"), namespace)
+    assert "checks passed" in capsys.readouterr().out
