@@ -247,17 +247,21 @@ class AdjointSweep(_Solver):
 
 
 def _split(n: int, s: int) -> int:
-    """Length of the left part when reversing ``n`` phases with ``s`` free checkpoints.
+    """Length of the left part when reversing ``n`` phases with ``s`` checkpoints, the one
+    holding the starting state included.
 
-    Binomial (revolve) schedule: with ``s`` checkpoints and ``r`` recomputations of each phase
-    at most ``β(s, r) = C(s + r, s)`` phases can be reversed, and ``β(s, r) = β(s − 1, r) +
-    β(s, r − 1)``; storing the next checkpoint so that the right part has ``β(s − 1, r)``
-    phases keeps the repetition count ``r`` minimal.
+    Binomial (revolve) schedule of Griewank and Walther: with ``s`` checkpoints and ``r``
+    recomputations of each phase at most ``β(s, r) = C(s + r, s)`` phases can be reversed, and
+    ``β(s, r) = β(s − 1, r) + β(s, r − 1)``. With ``r`` the least such count for ``n``, the next
+    checkpoint goes as far right as both parts allow: the left part (reversed again with ``s``
+    checkpoints) at most ``β(s, r − 1)`` phases, the right part (``s − 1`` checkpoints) at least
+    ``β(s − 1, r − 1)``. This choice needs the fewest phase evaluations of all split points (checked
+    against an exhaustive search in the tests).
     """
     r = 1
     while comb(s + r, s) < n:
         r += 1
-    return max(1, n - comb(s - 1 + r, s - 1))
+    return max(1, min(comb(s + r - 1, s), n - comb(s + r - 2, s - 1)))
 
 
 class CheckpointedSweep(_Solver):
@@ -266,8 +270,9 @@ class CheckpointedSweep(_Solver):
     The states between stored checkpoints are recomputed from the nearest stored one with the
     binomial schedule of Griewank and Walther ("revolve"): phases are reversed right to left
     and the checkpoint positions chosen so that no phase is re-evaluated more than ``r``
-    times, ``r`` the least integer with ``C(k − 1 + r, r) ≥ T`` (for ``k ≥ 2``; with ``k = 1``
-    only ``x_0`` is kept and phase ``t`` is re-evaluated ``T − t`` times).
+    times, ``r`` the least integer with ``C(k + r, r) ≥ T``, and the total number of
+    re-evaluations is the least possible (with ``k = 1`` only ``x_0`` is kept and phase ``t`` is
+    re-evaluated ``T − t`` times).
 
     Memory: ``k`` states plus one phase's activations, whatever ``T``. Time: at most
     ``(r + 1)·T`` phase evaluations plus the ``T`` VJPs; ``k = T + 1`` costs what
@@ -302,7 +307,7 @@ class CheckpointedSweep(_Solver):
         """
         n = b - a
         if n > 1 and free > 0:
-            m = a + _split(n, free)
+            m = a + _split(n, free + 1)  # x_a holds a checkpoint too
             x_m = x_a
             for t in range(a + 1, m + 1):
                 x_m = sweep.advance(t, x_m)

@@ -1,5 +1,6 @@
 """Theorem 1 as a property: every costate solver equals back-propagation."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -99,15 +100,41 @@ def test_checkpoint_schedule_cost(T):
     for k in range(1, T + 1):
         dyn.evaluations = 0
         bk.CheckpointedSweep(k).solve(dyn, ctx, loss)
-        r = next(r for r in range(1, T + 2) if comb(k - 1 + r, r) >= T) if k > 1 else T
+        r = next(r for r in range(1, T + 2) if comb(k + r, r) >= T)
         assert dyn.evaluations <= (r + 1) * T
+        # the fewest of all schedules of this form: T VJPs, x_T once, and the least re-evaluations
+        assert dyn.evaluations == T + 1 + fewest_advances(T, k - 1), k
+
+
+@functools.lru_cache(maxsize=None)
+def fewest_advances(n, free):
+    """Exhaustive search: the fewest forward phase evaluations that reverse ``n`` phases from a
+    stored start with ``free`` more slots, over every choice of the next checkpoint (a slot
+    used on the right is free again for the left part; no free slot: recompute each time)."""
+    best = n * (n - 1) // 2
+    if n > 1 and free > 0:
+        for left in range(1, n):
+            best = min(best, left + fewest_advances(n - left, free - 1) + fewest_advances(left, free))
+    return best
+
+
+@pytest.mark.parametrize("T", [50, 200])
+def test_checkpoint_schedule_is_the_cheapest_for_long_horizons(T):
+    """Where the old split rule lost (T = 200, k = 8: 878 evaluations instead of 781)."""
+    for k in (2, 3, 5, 8, 16, 32):
+        dyn = Counting(T, 2, False, "shared", "tanh", True, 0)
+        bk.CheckpointedSweep(k).solve(dyn, {"f": torch.randn(1, 2, dtype=torch.float64)}, make_loss(0.0))
+        assert dyn.evaluations == T + 1 + fewest_advances(T, k - 1), k
 
 
 def test_split_is_binomial():
-    # β(s, r) = C(s + r, s) phases are reversible with s checkpoints and r repetitions.
-    assert _split(10, 1) == 9  # one slot: store right before the end
-    assert _split(10, 9) == 1  # enough slots: store every state
-    assert _split(10, 3) == 4  # r = 2 (β(3, 2) = 10): right part β(2, 2) = 6, left 4
+    # β(s, r) = C(s + r, s) phases are reversible with s checkpoints (the start's included)
+    # and r repetitions; the left part takes min(β(s, r − 1), n − β(s − 1, r − 1)).
+    assert _split(10, 2) == 6  # r = 3 (β(2, 3) = 10): left β(2, 2) = 6, right β(1, 3) = 4
+    assert _split(10, 10) == 1  # enough slots: store every state
+    assert _split(10, 3) == 4  # r = 2 (β(3, 2) = 10): left β(3, 1) = 4, right β(2, 2) = 6
+    assert _split(5, 3) == 2  # r = 2 (β(3, 1) = 4 < 5): left min(β(3, 1), 5 − β(2, 1)) = 2
+
 
 
 @pytest.mark.parametrize("solver", [bk.AutogradCostate(), bk.AdjointSweep(),
