@@ -1,4 +1,4 @@
-"""Training loss of the unrolled network (MATH.md §5), the same at both levels.
+"""Training loss of the unrolled network (docs/mri.md, "The network"), the same at both levels.
 
     ℓ = ‖RSS(u_T) − RSS(u*)‖₁  +  ‖u_T − u*‖²  +  0.01 ‖u_0 − u*‖₁      (means over pixels)
 

@@ -1,4 +1,4 @@
-"""The unrolled reconstruction network as a control system (MATH.md §5).
+"""The unrolled reconstruction network as a control system (docs/mri.md, "The network").
 
 State: coil images ``u`` (B, C, H, W) complex (calibration-free, the default) or one image
 ``v`` stored as (B, 1, H, W) when coil sensitivities are given (SENSE). Phases:

@@ -1,4 +1,4 @@
-"""MRI measurement operators (MATH.md §5): masked, centred, orthonormal Fourier sampling.
+"""MRI measurement operators (docs/mri.md): masked, centred, orthonormal Fourier sampling.
 
 - ``SenseOperator``: A v = (M F (S_c v))_c,  Aᴴ y = Σ_c S_c* F⁻¹ (M y_c).
 - ``CoilOperator`` (calibration-free): A u = (M F u_c)_c,  Aᴴ y = (F⁻¹ (M y_c))_c.

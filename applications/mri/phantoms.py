@@ -5,7 +5,7 @@ with m_r the region memberships (1-pixel partial-volume edges), ρ_r the tissue 
 the chosen contrast, T texture fields (fine, fibre-like, coarse) weighted per tissue, B a smooth
 bias field and φ a smooth random phase. Each volume ("patient") draws its own anatomy; each
 slice adds rotation, scale, shift and boundary jitter, and its position z changes the cross
-sections. Images are therefore *not* piecewise constant (TV is not flattered, PITFALLS.md).
+sections. Images are therefore *not* piecewise constant (TV is not flattered).
 
 Coil images are S_c x, k-space is F(S_c x) + noise (complex Gaussian at a set SNR), and the
 reference is the root-sum-of-squares of the fully sampled coil images, as fastMRI's

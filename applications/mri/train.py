@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -248,8 +249,8 @@ def validate(cfg: TrainConfig) -> None:
     if len(cfg.size) != 2 or min(cfg.size) < 16:
         raise UsageError(f"size must be two integers >= 16 (H W), got {cfg.size}")
     for name in ("lr", "meta_lr", "inner_lr"):
-        if not getattr(cfg, name) > 0:
-            raise UsageError(f"{name} must be > 0, got {getattr(cfg, name)}")
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
+            raise UsageError(f"{name} must be a finite number > 0, got {getattr(cfg, name)}")
     if cfg.kernel % 2 == 0:
         raise UsageError(f"kernel must be odd, got {cfg.kernel}")
     if not cfg.data:

@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.phases < 1 or args.steps < 1 or args.batch < 1 or args.length < 15:
         parser.error("--phases, --steps and --batch must be >= 1 and --length >= 15")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
     out = train(args.phases, args.steps, args.batch, args.length, args.lr, args.solver, args.seed)
     print(f"\ntest NMSE after {args.phases} iterations:")
     print(f"  classical ISTA (best threshold)  {out['nmse_ista']:.4f}")

@@ -65,8 +65,10 @@ def main(argv: list[str] | None = None) -> BilevelTrainer:
     p.add_argument("--epochs", type=int, default=80)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    if not 0 <= a.corrupted < a.groups or a.groups < 2 or a.inner_steps < 1 or a.epochs < 1:
-        p.error("need --groups >= 2, 0 <= --corrupted < --groups, --inner-steps and --epochs >= 1")
+    if a.groups < 2 or a.inner_steps < 1 or a.epochs < 1:
+        p.error("need --groups >= 2, --inner-steps >= 1 and --epochs >= 1")
+    if not a.domains and not 0 <= a.corrupted < a.groups:  # --domains corrupts nothing
+        p.error(f"need 0 <= --corrupted < --groups, got --corrupted {a.corrupted} --groups {a.groups}")
     train, val, gnames, tnames = build(a.groups, a.corrupted, a.domains, 5, a.seed)
     method = {"unrolled": bk.hypergrad.Unrolled(steps=a.inner_steps, lr=0.1),
               "first-order": bk.hypergrad.FirstOrder(steps=a.inner_steps - 1, lr=0.1),

@@ -29,9 +29,11 @@ def test_dynamics_passes_check_dynamics():
 def test_cli(capsys):
     deconv.main(["--phases", "3", "--steps", "2", "--batch", "4"])
     assert "unrolled, trained" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as info:
-        deconv.main(["--phases", "0"])
-    assert info.value.code == 2
+    for bad in (["--phases", "0"], ["--lr", "-1"], ["--lr", "nan"]):
+        with pytest.raises(SystemExit) as info:
+            deconv.main(bad)
+        assert info.value.code == 2
+    assert "--lr must be a finite number > 0" in capsys.readouterr().err
 
 
 def test_hyper_cleaning_cli(capsys):
@@ -46,3 +48,6 @@ def test_hyper_cleaning_cli(capsys):
     with pytest.raises(SystemExit) as info:
         hyper_cleaning.main(["--corrupted", "9"])
     assert info.value.code == 2
+    # --domains corrupts nothing, so the default --corrupted 3 does not block 3 groups
+    trainer = hyper_cleaning.main(["--domains", "--groups", "3", "--epochs", "2"])
+    assert trainer.weights.shape == (3, 2)

@@ -55,6 +55,7 @@ def test_bad_input_exits_2_with_one_message(tmp_path, cache, quick_run, capsys):
         (["--data", str(empty), "--out", str(tmp_path / "a")], "no .h5 files"),
         (quick(tmp_path / "b", cache, "--tasks", "brain_t9_magic"), "unknown task(s) brain_t9_magic"),
         (quick(quick_run, cache), "holds another run; pass --resume"),
+        (quick(tmp_path / "c", cache, "--meta-lr", "inf"), "meta_lr must be a finite number > 0"),
     ]
     for i, (text, message) in enumerate([
             ("epochs = 2\nlearning_rate = 0.1\n", "unknown option 'learning_rate'"),
