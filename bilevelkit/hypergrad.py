@@ -1,4 +1,4 @@
-"""Hypergradient strategies for the upper level of the bilevel model (MATH.md §2–§3).
+"""Hypergradient strategies for the upper level of the bilevel model (docs/bilevel.md).
 
 Functional interface: ``params`` is a dict name → tensor (θ), ``omega`` the scores ω,
 ``weights = normalizer(omega)`` = σ(ω) on the simplex (column-wise for a matrix),
@@ -165,7 +165,8 @@ class Unrolled:
 
     θ⁰ = params (a constant), θ^{s+1} = update(θ^s, ∇_θ inner_loss(θ^s, σ(ω)), a), and the
     hypergradient is d ℓ^val(θ^k) / dω by autograd through all k steps (the adjoint recursion
-    of MATH.md §3; with momentum/Adam the optimizer state is part of the state).
+    p_s = p_{s+1} − a H(θ^s) p_{s+1}, h += −a J_σᵀ [⟨g_i(θ^s), p_{s+1}⟩]_i from p_k = ∇ℓ^val(θ^k);
+    with momentum/Adam the optimizer state is part of the state).
 
     Cost: time ≈ k gradient evaluations with ``create_graph`` plus one backward through them
     (k Hessian-vector products, no Hessian is formed), a few times k plain steps; memory O(k):
@@ -243,7 +244,8 @@ class InnerLoop(Dynamics):
     and Adam, the optimizer's buffers. ``x_0 = (θ^0, 0, 0)`` is a constant, and phase ``s`` is
     one optimizer step ``x_s = update(x_{s-1}, ∇_θ inner_loss(θ^{s-1}, σ(ω)), a)``. The
     controls ``ω`` (and ``a`` with ``learn_lr``) are shared by every phase, so the costate
-    sweep's gradient with respect to them is the reverse-mode hypergradient of MATH.md §3. A
+    sweep's gradient with respect to them is the reverse-mode hypergradient (the adjoint
+    recursion of :class:`Unrolled`). A
     phase evaluated with gradients enabled (inside the sweep's VJP) takes the inner gradient
     with ``create_graph=True``, so that the VJP is a Hessian-vector product; evaluated under
     ``no_grad`` (the sweep's forward) it is a plain gradient step.

@@ -3,7 +3,7 @@
     L(x, θ, λ) = ℓ(x_T) + Re⟨λ_0, F_0(f; θ_0) − x_0⟩ + Σ_{t=1..T} Re⟨λ_t, F_t(x_{t-1}; θ_t) − x_t⟩
 
 with ``Re⟨a, b⟩ = Re(aᴴb)``, the real inner product, so complex states are handled with the
-same gradient convention as torch's autograd (PITFALLS: complex states).
+same gradient convention as torch's autograd.
 """
 from __future__ import annotations
 
@@ -34,9 +34,20 @@ class Lagrangian:
     def _check(self, states: Sequence[Tensor], multipliers: Sequence[Tensor]) -> int:
         T = check_horizon(self.dynamics)
         for name, seq in (("states", states), ("multipliers", multipliers)):
+            if seq is None:
+                raise ValueError(f"Lagrangian: {name} is None; a solver returns states and "
+                                 "multipliers only with keep=True (e.g. AdjointSweep(keep=True))")
             if len(seq) != T + 1:
                 raise ValueError(f"Lagrangian: expected {T + 1} {name} (t = 0..{T}), "
                                  f"got {len(seq)}")
+        for t, (x, lam) in enumerate(zip(states, multipliers)):
+            if not (isinstance(x, Tensor) and isinstance(lam, Tensor)):
+                raise ValueError(f"Lagrangian: state and multiplier {t} must be tensors, got "
+                                 f"{type(x).__name__} and {type(lam).__name__}")
+            if lam.shape != x.shape or lam.is_complex() != x.is_complex():
+                raise ValueError(f"Lagrangian: multiplier λ_{t} has shape {tuple(lam.shape)} and "
+                                 f"dtype {lam.dtype}, its state x_{t} {tuple(x.shape)} and {x.dtype}; "
+                                 "they must match (a broadcast would give a wrong Lagrangian)")
         return T
 
     def value(self, ctx: Any, states: Sequence[Tensor], multipliers: Sequence[Tensor]) -> Tensor:

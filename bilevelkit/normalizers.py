@@ -1,4 +1,4 @@
-"""Normalizers: maps σ from scores ω to weights on the probability simplex (MATH.md §2).
+"""Normalizers: maps σ from scores ω to weights on the probability simplex.
 
 Every normalizer acts along ``dim`` (default 0), so a matrix Ω (N×M) is normalized column by
 column: column j of σ(Ω) lies on the simplex Δ^N = {p ≥ 0, Σ_i p_i = 1}. All three are

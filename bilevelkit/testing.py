@@ -30,8 +30,11 @@ def to_float64(obj: Any) -> Any:
         if obj.is_complex():
             return obj.to(torch.complex128)
         return obj.to(torch.float64) if obj.is_floating_point() else obj
-    if isinstance(obj, dict):
-        return type(obj)((k, to_float64(v)) for k, v in obj.items())
+    if isinstance(obj, dict):  # a copy keeps the subclass (OrderedDict, defaultdict's factory)
+        out = copy.copy(obj)
+        for k, v in obj.items():
+            out[k] = to_float64(v)
+        return out
     if isinstance(obj, (list, tuple)):
         items = [to_float64(v) for v in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
@@ -58,14 +61,14 @@ def check_dynamics(
 ) -> dict[str, Any]:
     """Check every costate solver against autograd, Theorem 1 and the KKT conditions.
 
-    Works on a float64 copy of ``dynamics`` and ``ctx`` (tensors in nested dicts, lists,
-    tuples and dataclasses are promoted; the original module is untouched). ``solvers``
+    Works on a float64 copy of ``dynamics`` and ``ctx`` (tensors and modules in nested dicts,
+    lists, tuples and dataclasses are promoted; the caller's objects are untouched). ``solvers``
     defaults to ``AdjointSweep`` and ``CheckpointedSweep`` with 1, ~√T and T+1 checkpoints.
     Passes when every relative error is at most ``rtol``; returns the report as a dict.
     """
     T = check_horizon(dynamics)
     dyn = to_float64(copy.deepcopy(dynamics))
-    ctx64 = to_float64(ctx)
+    ctx64 = to_float64(copy.deepcopy(ctx))  # modules in ctx are converted in place
     if solvers is None:
         ks = sorted({1, max(1, math.isqrt(T + 1)), T + 1})
         solvers = [AdjointSweep(keep=True), *(CheckpointedSweep(k, keep=True) for k in ks)]
@@ -86,7 +89,7 @@ def check_dynamics(
     params = {n: p for n, p in dyn.named_parameters() if p.requires_grad}
     with torch.enable_grad():
         value = lag.value(ctx64, ref.states, ref.multipliers)
-        grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+        grads = torch.autograd.grad(value, list(params.values()), allow_unused=True) if params else ()
     scale = max(1.0, abs(float(ref.loss)))
     rows.append(("Lagrangian", "L − ℓ on feasible states", abs(float(value.detach()) - float(ref.loss)) / scale))
     for (name, p), g in zip(params.items(), grads):

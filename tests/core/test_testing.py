@@ -63,3 +63,46 @@ def test_to_float64_handles_containers():
                                  "p": Pair(torch.ones(1, dtype=torch.complex64), [torch.ones(1)])})
     assert out["c"].f.dtype == torch.float64 and out["c"].n == 3
     assert out["p"].a.dtype == torch.complex128 and out["p"].b[0].dtype == torch.float64
+
+
+class _LayerInContext(bk.Dynamics):
+    """x_t = tanh(layer(x_{t-1}) + c): the layer travels in ctx, the only parameter is c."""
+
+    horizon = 3
+
+    def __init__(self, with_parameter=True):
+        super().__init__()
+        self.c = nn.Parameter(torch.tensor(0.1)) if with_parameter else None
+
+    def initial(self, ctx):
+        return ctx["f"]
+
+    def step(self, t, x, ctx):
+        return torch.tanh(ctx["layer"](x) + (0.0 if self.c is None else self.c))
+
+
+def test_context_modules_stay_as_given_and_parameter_free_dynamics_pass():
+    from collections import defaultdict
+
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 3)
+    ctx = defaultdict(lambda: None, {"f": torch.randn(2, 3), "layer": layer})
+    loss = lambda x: (x ** 2).mean()  # noqa: E731
+    bk.testing.check_dynamics(_LayerInContext(), ctx, loss)
+    assert layer.weight.dtype == torch.float32  # not converted in place
+    _LayerInContext().rollout(ctx)  # still usable in float32
+    bk.testing.check_dynamics(_LayerInContext(with_parameter=False), ctx, loss)
+
+
+def test_lagrangian_refuses_missing_or_misshapen_multipliers():
+    dyn = RandomDynamics(3, 2, False, "shared", "tanh", True, 0)
+    ctx, loss = {"f": torch.ones(1, 2, dtype=torch.float64)}, make_loss(0.0)
+    lag = bk.Lagrangian(dyn, loss)
+    ref = bk.AutogradCostate(keep=True).solve(dyn, ctx, loss)
+    plain = bk.AdjointSweep().solve(dyn, ctx, loss)
+    with pytest.raises(ValueError, match="keep=True"):
+        lag.value(ctx, ref.states, plain.multipliers)
+    bent = [m.reshape(2, 1, 1) if t == 1 else m for t, m in enumerate(ref.multipliers)]
+    with pytest.raises(ValueError, match="multiplier λ_1 has shape \\(2, 1, 1\\)"):
+        lag.kkt_residuals(ctx, ref.states, bent)
+    assert lag.kkt_residuals(ctx, ref.states, ref.multipliers)["terminal"] < 1e-12
