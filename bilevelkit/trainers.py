@@ -293,6 +293,14 @@ class BilevelTrainer:
         self.epoch = 0
         self.history: list[dict] = []
 
+    def _param_name(self, param: nn.Parameter) -> str:
+        """``task 'name', parameter 'sub.module.weight'`` (the first task holding a shared one)."""
+        for j, m in enumerate(self.models):
+            for n, p in m.named_parameters():
+                if p is param:
+                    return f"task {self.task_names[j]!r}, parameter {n!r}"
+        return "a parameter"
+
     def _unique_params(self) -> list[nn.Parameter]:
         seen: dict[int, nn.Parameter] = {}
         for m in self.models:
@@ -341,7 +349,8 @@ class BilevelTrainer:
                                         "weighted training loss")
             for p in params:
                 if p.grad is not None:
-                    _finite_or_raise(p.grad, f"epoch {self.epoch}: a lower-level gradient")
+                    _finite_or_raise(p.grad, f"epoch {self.epoch}: the lower-level gradient of "
+                                             f"{self._param_name(p)}")
         except NonFiniteError:
             self.optimizer.zero_grad(set_to_none=True)
             raise

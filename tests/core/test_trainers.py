@@ -169,6 +169,15 @@ def test_bilevel_guard_names_epoch_and_task():
     for k, v in trainer.models.state_dict().items():
         assert torch.equal(v, params[k]), k  # untouched by the failed step
     assert all(p.grad is None for p in trainer.models.parameters())
+    # a finite loss with a non-finite gradient: √|b| at b = 0 has an infinite slope
+    model = linear()
+    with torch.no_grad():
+        model.bias.zero_()
+    kinked = lambda m, batch: mse(m, batch) + m.bias.abs().sqrt().sum()  # noqa: E731
+    trainer = BilevelTrainer(model, kinked, train, val, task_names=["knee"], batch_size=8)
+    with pytest.raises(NonFiniteError, match=r"epoch 0: the lower-level gradient of task 'knee', "
+                                             r"parameter 'bias'"):
+        trainer.lower_step()
 
 
 def test_bilevel_with_dynamics_and_costate_solver():
