@@ -40,7 +40,12 @@ __all__ = [
     "FirstOrder",
     "Implicit",
     "InnerLoop",
+    "NegativeCurvatureError",
 ]
+
+
+class NegativeCurvatureError(ValueError):
+    """CG met pᵀHp ≤ 0: the inner Hessian is not positive definite where ``Implicit`` solves."""
 
 
 @dataclass(frozen=True)
@@ -530,7 +535,7 @@ def _cg(
         hp = hvp(p)
         curvature = _dot(p, hp)
         if not float(curvature) > 0:
-            raise ValueError(
+            raise NegativeCurvatureError(
                 f"CG met non-positive curvature pᵀHp = {float(curvature):.3g}: the inner Hessian is not "
                 "positive definite at θ*; add damping, run more inner steps, or use solver='neumann'"
             )

@@ -392,6 +392,10 @@ class BilevelTrainer:
             except FloatingPointError as err:
                 raise NonFiniteError(f"epoch {self.epoch}, task {self.task_names[j]!r}: "
                                      f"hypergradient failed: {err}; Ω was not updated") from err
+            except hg.NegativeCurvatureError as err:
+                raise hg.NegativeCurvatureError(
+                    f"epoch {self.epoch}, task {self.task_names[j]!r}: hypergradient failed: {err}; "
+                    "Ω was not updated") from err
             if grad.dim() == 1:
                 grad.copy_(res.hypergrad)
             else:

@@ -307,3 +307,17 @@ def test_upper_step_leaves_buffers_and_frozen_weights_alone():
         assert torch.equal(b, buffers[n]), n
     assert "model.2.weight" not in seen["params"] and "model.2.weight" not in seen["result"].params
     assert not torch.equal(trainer.omega, torch.zeros_like(trainer.omega))
+
+
+def test_negative_curvature_in_the_upper_step_names_epoch_and_task():
+    """Implicit(cg) on a non-convex lower level: the error says where, and Ω stays."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(DT)
+    train, val = cleaning_problem()
+    trainer = BilevelTrainer(net, mse, train, val, task_names=["knee"], batch_size=8,
+                             hypergrad=bk.hypergrad.Implicit(steps=0, lr=0.1, iters=30))
+    omega = trainer.omega.clone()
+    with pytest.raises(bk.hypergrad.NegativeCurvatureError,
+                       match=r"epoch 0, task 'knee': hypergradient failed: CG met non-positive"):
+        trainer.upper_step()
+    assert torch.equal(trainer.omega, omega)
