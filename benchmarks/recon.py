@@ -28,9 +28,15 @@ VARIANTS = {
 
 def run(name: str, extra: list[str], out: Path, cache: str, epochs: int) -> dict:
     folder = out / name
-    if (folder / "metrics.json").exists():  # reuse a finished run
-        return json.loads((folder / "metrics.json").read_text())
+    if (folder / "metrics.json").exists():  # reuse a finished run, if it is the one asked for
+        metrics = json.loads((folder / "metrics.json").read_text())
+        if metrics.get("epochs") != epochs:
+            raise SystemExit(f"{folder} holds a finished run of {metrics.get('epochs')} epochs, not "
+                             f"{epochs}; remove it or pass --out elsewhere")
+        return metrics
     argv = [*VARIANTS[name], "--epochs", str(epochs), "--out", str(folder), "--cache", cache, *extra]
+    if (folder / "checkpoint.pt").exists():  # an interrupted run: continue it
+        argv.append("--resume")
     if train.main(argv) != 0:
         raise SystemExit(f"training {name} failed")
     return json.loads((folder / "metrics.json").read_text())
@@ -69,14 +75,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="run just these variants")
     args = p.parse_args(argv)
-    out = Path(args.out)
-    names = ["meta", "joint"] + (["meta-sense", "joint-sense"] if args.sense else [])
-    names = args.only or names
+    if args.only and args.sense:
+        p.error("--sense adds meta-sense and joint-sense to the default runs; with --only, name "
+                "them in --only instead")
+    out = Path(args.out).expanduser()
+    names = args.only or ["meta", "joint"] + (["meta-sense", "joint-sense"] if args.sense else [])
     results = {n: run(n, ["--threads", str(args.threads)], out, args.cache, args.epochs) for n in names}
     table = markdown(results, args.epochs)
     print(table)
     (out / "recon.md").write_text(table + "\n")
-    summary = {n: {"mean": r["mean"], "train_seconds": r["train_seconds"],
+    summary = {n: {"epochs": r["epochs"], "mean": r["mean"], "train_seconds": r["train_seconds"],
                    "tasks": {t: v["model"] for t, v in r["tasks"].items()}} for n, r in results.items()}
     (out / "recon.json").write_text(json.dumps(summary, indent=2))
 

@@ -8,11 +8,13 @@ tensors (detached and moved to the CPU here); they must be real magnitudes.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -20,8 +22,8 @@ __all__ = ["reconstructions", "weight_heatmap", "training_curves", "task_catalog
 
 DPI = 100
 PANEL = 2.0  # inches per image panel
-IMAGE_CMAP = "gray"
-ERROR_CMAP = "inferno"
+IMAGE_CMAP = colormaps["gray"].with_extremes(bad="red")  # a NaN pixel shows, never as white
+ERROR_CMAP = colormaps["inferno"].with_extremes(bad="cyan")
 WEIGHT_CMAP = "viridis"
 MAX_ANNOTATED = 200  # annotate W's entries when N·M is at most this
 
@@ -77,11 +79,17 @@ def _bare(ax) -> None:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    """Write ``fig`` as a PNG at ``path`` (parents created) and release its artists."""
+    """Write ``fig`` as a PNG at ``path`` (parents created; a temporary file renamed, so an
+    interrupted save never replaces a good figure with a truncated one) and release its artists."""
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, format="png", dpi=DPI)
-    fig.clear()
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=DPI)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        fig.clear()
     return path
 
 
@@ -107,7 +115,7 @@ def _reconstruction_figure(rows: Sequence[Mapping], max_rows: int | None = None)
         images = row["images"]
         if not isinstance(images, Mapping) or len(images) == 0:
             raise ValueError(f"row {task!r}: 'images' must be a non-empty dict method → image")
-        names = [str(m) for m in images]
+        names = list(images)  # the keys as given; str() only for titles
         if methods is None:
             methods = names
         elif set(names) != set(methods):
@@ -138,9 +146,13 @@ def _reconstruction_figure(rows: Sequence[Mapping], max_rows: int | None = None)
         row_axes[0].set_title("reference", fontsize=8)
         row_axes[0].set_ylabel(task, fontsize=9)
         for j, m in enumerate(methods):
-            title = m
+            title = str(m)
             if m in psnr and psnr[m] is not None:
-                title = f"{m} {float(psnr[m]):.1f} dB"
+                try:
+                    title = f"{m} {float(psnr[m]):.1f} dB"
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"row {task!r}: psnr[{m!r}] must be a number, got "
+                                     f"{psnr[m]!r}") from err
             row_axes[1 + j].imshow(recons[m], cmap=IMAGE_CMAP, vmin=0, vmax=vmax)
             row_axes[1 + j].set_title(title, fontsize=8)
             err = row_axes[1 + k + j].imshow(errors[m], cmap=ERROR_CMAP, vmin=0, vmax=emax)
@@ -266,6 +278,11 @@ def _curves_figure(history: Sequence[Mapping], task_names: Sequence[str] | None 
         marker = "o" if len(epochs) <= 30 else None
         for j in range(tasks):
             ax.plot(epochs, values[:, j], marker=marker, markersize=3, label=task_names[j])
+        bad = [e for e, row in zip(epochs, values) if not np.isfinite(row).all()]
+        if bad:  # a line simply stops at NaN/Inf: say so, or a divergence looks like convergence
+            listed = ", ".join(map(str, bad[:8])) + (", …" if len(bad) > 8 else "")
+            ax.text(0.5, 0.97, f"non-finite loss at epoch {listed}", ha="center", va="top",
+                    transform=ax.transAxes, color="red", fontsize=8)
         finite = values[np.isfinite(values)]
         if finite.size and (finite > 0).all():
             ax.set_yscale("log")

@@ -68,7 +68,7 @@ def test_reconstructions_layout_titles_and_scales():
     assert model_ax.images[0].get_clim() == pytest.approx((0, top))
     err = max(np.abs(v - r["reference"]).max() for v in r["images"].values())
     assert err_ax.images[0].get_clim() == pytest.approx((0, err))
-    assert err_ax.images[0].get_cmap().name == figures.ERROR_CMAP
+    assert err_ax.images[0].get_cmap().name == figures.ERROR_CMAP.name
     assert not ref_ax.get_xticks().size and not ref_ax.get_yticks().size
 
 
@@ -234,3 +234,38 @@ def test_no_figures_left_behind(tmp_path, monkeypatch):
     gc.collect()
     assert len(saved) == 2 and all(ref() is None for ref in saved)
     assert "matplotlib.pyplot" not in vars(figures) and "plt" not in vars(figures)
+
+
+def test_nan_pixels_and_losses_are_shown_not_hidden():
+    r = row("knee")
+    r["images"]["model"][3, 3] = np.nan
+    fig = figures._reconstruction_figure([r])
+    model_ax = fig.axes[1]
+    assert model_ax.images[0].get_cmap().get_bad() == pytest.approx((1.0, 0.0, 0.0, 1.0))  # red
+    h = history()
+    h[3]["val_loss"] = [float("nan"), 0.5]
+    assert "non-finite loss at epoch 3" in texts(figures._curves_figure(h, task_names=["a", "b"]))
+
+
+def test_method_keys_need_not_be_strings_and_bad_psnr_is_named():
+    r = row("knee", methods=("model",))
+    r["images"] = {1: r["images"]["model"]}
+    r["psnr"] = {1: 30.0}
+    assert "1 30.0 dB" in texts(figures._reconstruction_figure([r]))
+    r["psnr"] = {1: [1, 2]}
+    with pytest.raises(ValueError, match="psnr\\[1\\] must be a number"):
+        figures._reconstruction_figure([r])
+
+
+def test_an_interrupted_save_keeps_the_previous_figure(tmp_path, monkeypatch):
+    path = figures.reconstructions(tmp_path / "r.png", [row()])
+    good = path.read_bytes()
+
+    def broken(self, fname, **kwargs):
+        open(fname, "wb").write(good[:100])  # a truncated PNG, then the interruption
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    with pytest.raises(KeyboardInterrupt):
+        figures.reconstructions(path, [row("brain")])
+    assert path.read_bytes() == good and not list(tmp_path.glob("*.tmp"))
