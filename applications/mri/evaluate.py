@@ -332,7 +332,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m applications.mri.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt or best.pt of a training run")
     p.add_argument("--data", required=True, help="folder of fastMRI-layout .h5 files (real or synthetic), "
-                   "e.g. the training run's data folder (its config.toml or train.log names it)")
+                   "e.g. the training run's data folder (the first line of its train.log names it)")
     p.add_argument("--out", required=True, help="folder for metrics.json and reconstructions.png "
                    "(not a training run's folder)")
     p.add_argument("--mask", default=None, choices=masks.FAMILIES,
