@@ -232,14 +232,15 @@ def evaluate_tasks(models: dict[str, torch.nn.Module], files: dict[str, dict[str
                 first = {k: v[0] for k, v in stack.items()}
                 rows.append({"task": f"{task}{'' if is_seen else ' (unseen)'}",
                              "reference": first["reference"],
-                             "images": {m: first[m] for m in METHODS},
-                             "psnr": {m: per_volume[0][m]["psnr"] for m in METHODS}})
+                             "images": {m: first[m] for m in METHODS}})
         out["tasks"][task] = {
             **{m: {q: sum(v[m][q] for v in per_volume) / len(per_volume) for q in ("psnr", "ssim", "nmse")}
                for m in METHODS},
             "seen": is_seen, "model_task": model_task, "volumes": len(per_volume),
             "adapted_steps": adapt_steps if not is_seen else 0,
         }
+        # the figure shows one slice; its titles give the task's PSNR, the number of the table
+        rows[-1]["psnr"] = {m: out["tasks"][task][m]["psnr"] for m in METHODS}
         out["seen" if is_seen else "unseen"].append(task)
     out["mean"] = {group: {m: {q: sum(out["tasks"][t][m][q] for t in out[group]) / len(out[group])
                                for q in ("psnr", "ssim", "nmse")} for m in METHODS}

@@ -120,6 +120,15 @@ def test_evaluate_scores_held_out_slices_only(quick_run, tmp_path):
     every = json.loads((tmp_path / "all" / "metrics.json").read_text())
     assert not every["held_out_only"]
     assert all(every["tasks"][t]["volumes"] == 3 for t in every["seen"])
+    # the figure's titles carry each task's PSNR as the table and metrics.json give it
+    state = evaluate.load_checkpoint(quick_run / "checkpoint.pt")
+    models = evaluate.models_from_checkpoint(state, torch.device("cpu"))
+    dataset = evaluate.SliceDataset(root)
+    transform = evaluate.ReconTransform(seed=0, sense=evaluate.network_config(state).needs_maps)
+    files = evaluate.group_files(dataset, range(len(dataset)), transform)
+    files = {t: files[t] for t in ("knee_pd_random8",)}  # 3 volumes: mean ≠ first volume's
+    results, rows = evaluate.evaluate_tasks(models, files, [], torch.device("cpu"))
+    assert rows[0]["psnr"]["model"] == results["tasks"]["knee_pd_random8"]["model"]["psnr"]
 
 
 def test_evaluate_bad_input_exits_2_with_one_message(quick_run, tmp_path, capsys):
