@@ -415,8 +415,14 @@ class Implicit:
 def _check_steps_lr(steps: int, lr: float, min_steps: int) -> None:
     if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= min_steps):
         raise ValueError(f"steps must be an integer >= {min_steps}, got {steps!r}")
-    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    check_rate("lr", lr)
+
+
+def check_rate(name: str, value: object) -> None:
+    """A step size or learning rate: a finite number > 0 (ValueError naming ``name``)."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def _prepare(

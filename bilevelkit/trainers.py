@@ -14,7 +14,6 @@ hypergradients are averaged across ranks.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -253,8 +252,7 @@ class BilevelTrainer:
                 raise ValueError(f"{name} must be None (whole dataset) or an integer >= 1, got {v!r}")
         rates = [("lr", lr), ("meta_lr", meta_lr)] + ([("inner_lr", inner_lr)] if hypergrad is None else [])
         for name, v in rates:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+            hg.check_rate(name, v)
         N, M = len(train_groups), len(val_tasks)
         self.group_names = list(group_names or [f"group{i}" for i in range(N)])
         self.task_names = list(task_names or [f"task{j}" for j in range(M)])
@@ -389,13 +387,10 @@ class BilevelTrainer:
             try:
                 res = self.hypergrad(inner_loss, outer_loss, params, omega.detach(),
                                      normalizer=self.normalizer)
-            except FloatingPointError as err:
-                raise NonFiniteError(f"epoch {self.epoch}, task {self.task_names[j]!r}: "
-                                     f"hypergradient failed: {err}; Ω was not updated") from err
-            except hg.NegativeCurvatureError as err:
-                raise hg.NegativeCurvatureError(
-                    f"epoch {self.epoch}, task {self.task_names[j]!r}: hypergradient failed: {err}; "
-                    "Ω was not updated") from err
+            except (FloatingPointError, hg.NegativeCurvatureError) as err:
+                kind = NonFiniteError if isinstance(err, FloatingPointError) else type(err)
+                raise kind(f"epoch {self.epoch}, task {self.task_names[j]!r}: hypergradient "
+                           f"failed: {err}; Ω was not updated") from err
             if grad.dim() == 1:
                 grad.copy_(res.hypergrad)
             else:

@@ -249,13 +249,11 @@ def _radial_for(h: int, w: int, acceleration: float) -> Tensor:
 def acceleration(mask: Tensor, shape: Sequence[int]) -> float:
     """Achieved acceleration H·W / #{sampled points of the mask broadcast to (H, W)}."""
     h, w = _check_shape(shape)
-    lead = mask.shape[:-2] if mask.dim() > 2 else ()
-    if any(n != 1 for n in lead):
+    if any(n != 1 for n in mask.shape[:-2]):
         raise ValueError(f"a mask of shape {tuple(mask.shape)} is not one (H, W) pattern; expected "
                          f"(W,), (1, W), (H, W) or those with leading axes of size 1")
     try:
-        sampled = int(torch.broadcast_to(mask.reshape(mask.shape[-2:] if mask.dim() > 1 else mask.shape),
-                                         (h, w)).count_nonzero())
+        sampled = int(torch.broadcast_to(mask.reshape(mask.shape[-2:]), (h, w)).count_nonzero())
     except RuntimeError as e:
         raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to (H, W) = "
                          f"({h}, {w})") from e
