@@ -201,7 +201,11 @@ def test_two_processes_match_one(tmp_path, cache, start):
     # start (CG iterations on a batch of 1 per process instead of 2) carries more rounding
     # into every gradient; there a few weights move by up to a tenth of a step. The
     # reconstructions agree to 0.01 dB in both cases.
-    torch.testing.assert_close(omega_b, omega_a, rtol=1e-4, atol=1e-6)
+    # Ω takes Adam steps of --meta-lr (0.1) from hypergradients computed at these slightly
+    # different weights; Adam's normalisation enlarges the relative rounding of a small
+    # hypergradient entry (3.5e-4 = 0.35% of a step measured on one machine, 1e-6 on another).
+    # A hypergradient missing from the reduction would leave a column a whole step behind.
+    torch.testing.assert_close(omega_b, omega_a, rtol=0, atol=2e-2 * 0.1)
     for k in models_a:
         torch.testing.assert_close(models_b[k], models_a[k], rtol=1e-3,
                                    atol=3e-4 if start == "cg_sense" else 1e-5)
