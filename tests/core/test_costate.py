@@ -62,6 +62,9 @@ def test_lagrangian_theorem_1_and_kkt(problem):
     wrong = list(res.multipliers)
     wrong[-1] = wrong[-1] + 1.0
     assert lag.kkt_residuals(ctx, res.states, wrong)["terminal"] > 0.5
+    wrong = list(res.multipliers)
+    wrong[0] = wrong[0] + 1.0  # λ_0 ≠ (∂_x F_1)* λ_1
+    assert lag.kkt_residuals(ctx, res.states, wrong)["costate"] > 0.5
 
 
 @settings(max_examples=30)

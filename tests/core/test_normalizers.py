@@ -112,13 +112,19 @@ def test_known_values():
     torch.testing.assert_close(nz.entmax15(t(1e6, 1e6, 0.0)), t(0.5, 0.5, 0.0), rtol=0, atol=1e-15)
     assert torch.equal(nz.sparsemax(t(7.0)), t(1.0))
     torch.testing.assert_close(nz.softmax(t(0.0, 2.0), temperature=2.0), torch.softmax(t(0.0, 1.0), 0))
+    rows = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for dim in (0, 1):  # the temperature path along either axis of a matrix
+        torch.testing.assert_close(nz.softmax(rows, dim=dim, temperature=0.5),
+                                   torch.softmax(rows / 0.5, dim=dim), rtol=1e-14, atol=0)
     # entmax-1.5 of two scores a ≥ b with a − b < 2: τ solves (a/2 − τ)² + (b/2 − τ)² = 1.
     p = nz.entmax15(t(0.4, 0.0))
     d = 0.2
     torch.testing.assert_close(p, t((d + (2 - d**2) ** 0.5) ** 2 / 4, (-d + (2 - d**2) ** 0.5) ** 2 / 4))
     extreme = t(1e308, -1e308, 1e308)  # differences overflow to -inf: still no NaN
+    overflowing_sum = t(1e308, 1e308, 0.0)  # finite scores whose sum is inf
     for f in ALL:
         torch.testing.assert_close(f(extreme), t(0.5, 0.0, 0.5), rtol=0, atol=1e-15)
+        torch.testing.assert_close(f(overflowing_sum), t(0.5, 0.5, 0.0), rtol=0, atol=1e-15)
     x32 = torch.tensor([0.3, -0.2, 0.1])
     for f in ALL:
         assert f(x32).dtype == torch.float32

@@ -106,3 +106,77 @@ def test_lagrangian_refuses_missing_or_misshapen_multipliers():
     with pytest.raises(ValueError, match="multiplier λ_1 has shape \\(2, 1, 1\\)"):
         lag.kkt_residuals(ctx, ref.states, bent)
     assert lag.kkt_residuals(ctx, ref.states, ref.multipliers)["terminal"] < 1e-12
+
+
+class _Scaled:
+    """A solver whose gradients (or λ_0) are off by a relative ``eps``: a subtle bug."""
+
+    def __init__(self, eps, what):
+        self.eps, self.what = eps, what
+
+    def __repr__(self):
+        return f"Scaled({self.what})"
+
+    def solve(self, dynamics, ctx, loss):
+        res = bk.AdjointSweep(keep=True).solve(dynamics, ctx, loss)
+        if self.what == "grads":
+            res.grads = {n: g * (1 + self.eps) for n, g in res.grads.items()}
+        else:
+            res.multipliers = [res.multipliers[0] * (1 + self.eps), *res.multipliers[1:]]
+        return res
+
+
+@pytest.mark.parametrize("what,label", [("grads", "grad W.0"), ("multipliers", "multipliers")])
+def test_a_small_error_fails_at_the_default_tolerance(what, label):
+    dyn = RandomDynamics(4, 3, True, "both", "tanh", True, 1)
+    ctx, loss = {"f": torch.randn(2, 3, dtype=torch.complex128)}, make_loss(0.0)
+    bk.testing.check_dynamics(dyn, ctx, loss, solvers=[_Scaled(0.0, what)])
+    with pytest.raises(AssertionError) as info:
+        bk.testing.check_dynamics(dyn, ctx, loss, solvers=[_Scaled(1e-6, what)])
+    failing = [line for line in str(info.value).splitlines() if line.endswith("FAIL")]
+    assert failing and all(line.startswith(f"Scaled({what})") for line in failing), failing
+    assert any(label in line for line in failing)
+
+
+def test_report_covers_every_default_solver_and_each_kkt_condition():
+    dyn = RandomDynamics(4, 3, False, "both", "tanh", True, 2)
+    report = bk.testing.check_dynamics(dyn, {"f": torch.randn(2, 3, dtype=torch.float64)},
+                                       make_loss(0.0))
+    checks = {c for c, _, _ in report["rows"]}
+    assert {"AdjointSweep(keep=True)", *(f"CheckpointedSweep(checkpoints={k}, keep=True)"
+                                         for k in (1, 2, 5))} <= checks
+    assert {q for c, q, _ in report["rows"] if c == "KKT"} == {
+        "state residual", "costate residual", "terminal residual"}
+    # a step that changes on its third evaluation: only the solver that recomputes most sees it
+    with pytest.raises(AssertionError, match=r"CheckpointedSweep\(checkpoints=1, keep=True\)"):
+        bk.testing.check_dynamics(_ThirdCallDiffers(), torch.ones(3), lambda x: (x ** 2).sum())
+
+
+class _ThirdCallDiffers(bk.Dynamics):
+    """Phase 1 returns another value from its third evaluation on: autograd evaluates it once,
+    AdjointSweep twice, CheckpointedSweep(k < T + 1) more often."""
+
+    horizon = 3
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(0.3))
+        self.calls = 0
+
+    def initial(self, ctx):
+        self.calls = 0
+        return ctx
+
+    def step(self, t, x, ctx):
+        if t == 1:
+            self.calls += 1
+        return torch.tanh(self.a * x) * (1.5 if t == 1 and self.calls > 2 else 1.0)
+
+
+def test_lagrangian_refuses_a_real_multiplier_for_a_complex_state():
+    dyn = RandomDynamics(3, 2, True, "shared", "tanh", True, 0)
+    ctx, loss = {"f": torch.ones(1, 2, dtype=torch.complex128)}, make_loss(0.0)
+    ref = bk.AutogradCostate(keep=True).solve(dyn, ctx, loss)
+    real = [m.real if t == 1 else m for t, m in enumerate(ref.multipliers)]
+    with pytest.raises(ValueError, match="multiplier λ_1"):
+        bk.Lagrangian(dyn, loss).value(ctx, ref.states, real)
