@@ -120,15 +120,18 @@ def test_joint_mode_keeps_uniform_weights():
     torch.testing.assert_close(trainer.weights, torch.full((6,), 1 / 6, dtype=DT))
 
 
+class Two(torch.nn.Module):
+    """A model with a sub-module the task models can share."""
+
+    def __init__(self):
+        super().__init__()
+        self.initial_net, self.head = torch.nn.Linear(5, 5).to(DT), torch.nn.Linear(5, 1).to(DT)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.initial_net(x)))
+
+
 def test_resume_is_exact_and_shared_modules_are_shared():
-    class Two(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.initial_net, self.head = torch.nn.Linear(5, 5).to(DT), torch.nn.Linear(5, 1).to(DT)
-
-        def forward(self, x):
-            return self.head(torch.tanh(self.initial_net(x)))
-
     train, val = cleaning_problem(M=2)
 
     def make():
@@ -189,8 +192,10 @@ def test_bilevel_with_dynamics_and_costate_solver():
         trainer = BilevelTrainer(dyn, loss, data[:2], data[2:], costate=costate, batch_size=2,
                                  hypergrad=bk.hypergrad.FirstOrder(steps=0, lr=0.1))
         trainer.fit(2)
-        out.append((trainer.omega.clone(), [p.detach().clone() for p in trainer.models.parameters()]))
+        out.append((trainer.omega.clone(), [p.detach().clone() for p in trainer.models.parameters()],
+                    [v for h in trainer.history for v in h["train_loss"]]))
     torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-10, atol=1e-12)
+    assert out[1][2] == pytest.approx(out[0][2], rel=1e-10)  # the logged losses too
     for a, b in zip(out[0][1], out[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -219,6 +224,14 @@ def test_initial_state_loss_reaches_theta_0_like_autograd():
     for n, g in grads[0][1].items():
         torch.testing.assert_close(grads[1][1][n], g, rtol=1e-10, atol=1e-14)
     assert grads[0][1]["W0"].abs().sum() > 0
+    # a weight c (a group's share of the weighted loss) scales the gradient, not the value
+    model = copy.deepcopy(dyn)
+    value = bk.trainers._backward(model, loss, batches[0], 0.25, bk.AdjointSweep())
+    params = dict(dyn.named_parameters())
+    expected = torch.autograd.grad(0.25 * loss(dyn, batches[0]), list(params.values()))
+    assert float(value) == pytest.approx(grads[0][0], rel=1e-12)
+    for (n, p), g in zip(model.named_parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-14)
 
 
 def test_sampled_groups_still_clean_the_data():
@@ -321,3 +334,84 @@ def test_negative_curvature_in_the_upper_step_names_epoch_and_task():
                        match=r"epoch 0, task 'knee': hypergradient failed: CG met non-positive"):
         trainer.upper_step()
     assert torch.equal(trainer.omega, omega)
+
+
+def test_mlm_trainer_is_adam_on_the_loss():
+    """MLMTrainer equals a hand-written loop: zero_grad, loss.backward(), torch.optim.Adam."""
+    dyn, batches, loss = dynamics_problem()
+    reference = copy.deepcopy(dyn)
+    trainer = MLMTrainer(dyn, loss, lr=1e-2)
+    trainer.fit(batches[:2], epochs=3)
+    opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    values = []
+    for _ in range(3):
+        for batch in batches[:2]:
+            opt.zero_grad()
+            value = loss(reference, batch)
+            value.backward()
+            opt.step()
+            values.append(float(value.detach()))
+    assert trainer.history == pytest.approx(values, rel=1e-10)
+    for (n, a), b in zip(dyn.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_mlm_resume_is_exact():
+    dyn, batches, loss = dynamics_problem()
+    full = MLMTrainer(copy.deepcopy(dyn), loss, lr=1e-2)
+    full.fit(batches, epochs=4)
+    first = MLMTrainer(copy.deepcopy(dyn), loss, lr=1e-2)
+    first.fit(batches, epochs=2)
+    resumed = MLMTrainer(copy.deepcopy(dyn), loss, lr=1e-2)
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    resumed.fit(batches, epochs=4)
+    assert resumed.history == full.history
+    for a, b in zip(resumed.dynamics.parameters(), full.dynamics.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_mlm_guard_on_a_finite_loss_with_an_infinite_gradient():
+    dyn, batches, loss = dynamics_problem()
+    name, p = next(iter(dyn.named_parameters()))
+    with torch.no_grad():
+        p.zero_()
+    # √|θ| at θ = 0: a finite value with an infinite slope (a plain loss: autograd route)
+    kinked = lambda model, b: loss(model, b) + dict(model.named_parameters())[name].abs().sqrt().sum()  # noqa: E731
+    trainer = MLMTrainer(dyn, kinked, lr=1e-2)
+    before = copy.deepcopy(trainer.state_dict())
+    with pytest.raises(NonFiniteError, match=f"epoch 0: gradient of '{name}'"):
+        trainer.step(batches[0])
+    for k, v in trainer.dynamics.state_dict().items():
+        assert torch.equal(v, before["model"][k]), k
+    assert all(q.grad is None for q in dyn.parameters())
+
+
+def test_bilevel_guard_on_a_non_finite_hypergradient():
+    """The trainer checks what a (user's) strategy returns, not only what raises inside it."""
+    train, val = cleaning_problem()
+    trainer = BilevelTrainer(linear(), mse, train, val, task_names=["knee"], batch_size=8)
+
+    def nan_strategy(inner_loss, outer_loss, params, omega, normalizer):
+        return bk.hypergrad.HypergradResult(params=params, hypergrad=torch.full_like(omega, float("nan")),
+                                            weights=normalizer(omega), outer_loss=0.0)
+
+    trainer.hypergrad = nan_strategy
+    omega = trainer.omega.clone()
+    with pytest.raises(NonFiniteError, match=r"epoch 0, task 'knee': hypergradient"):
+        trainer.upper_step()
+    assert torch.equal(trainer.omega, omega)
+
+
+def test_a_shared_module_takes_one_step_not_one_per_task():
+    """F_0 shared by M = 3 task models is one parameter of the optimizer: Adam's first step
+    moves each of its weights by at most lr (once per task would be up to 3·lr)."""
+    train, val = cleaning_problem(M=3)
+    torch.manual_seed(0)
+    lr = 1e-2
+    trainer = BilevelTrainer(Two(), mse, train, val, shared=("initial_net",), batch_size=8, lr=lr)
+    ids = [id(p) for group in trainer.optimizer.param_groups for p in group["params"]]
+    assert len(ids) == len(set(ids)) == 2 + 3 * 2  # initial_net.{weight,bias} + 3 heads
+    before = trainer.models[0].initial_net.weight.detach().clone()
+    trainer.lower_step()
+    step = (trainer.models[0].initial_net.weight.detach() - before).abs().max()
+    assert 0.5 * lr < float(step) <= lr * (1 + 1e-9)
