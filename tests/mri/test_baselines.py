@@ -112,3 +112,10 @@ def test_cg_sense_beats_zero_filled_on_the_synthetic_4x_tasks(name):
     cg = magnitude(cg_sense(y, mask, sens), sens)
     gain = float(psnr(data["reference"], cg) - psnr(data["reference"], zero_filled(y, mask)))
     assert gain >= 3.0, f"{name}: CG-SENSE gains only {gain:.2f} dB over zero-filled"
+
+def test_tv_sense_is_scale_equivariant():
+    """λ is relative to max |Aᴴy|, so scaling the data scales the reconstruction."""
+    obj, sens, k, _ = simulate(n=32)
+    m = masks.random_cartesian((32, 32), 4, 0.08, seed=0)
+    a = tv_sense(k, m, sens, iters=50)
+    torch.testing.assert_close(tv_sense(100 * k, m, sens, iters=50), 100 * a, rtol=1e-6, atol=1e-8)

@@ -379,3 +379,14 @@ def test_mask_with_no_measured_point_and_bad_seed_are_errors(tmp_path):
             data.MaskTransform("equispaced", 8, 0.03, seed=seed)(sample)
     with pytest.raises(ValueError, match="seed must be None or an integer >= 0"):
         data.MaskTransform(seed=-1)
+
+def test_fixed_masks_differ_between_files(tmp_path):
+    """A fixed seed gives each (file, slice) its own mask, not one mask per slice index."""
+    for name in ("a.h5", "b.h5"):
+        d = phantoms.make_task("knee_t2_random6", seed=0, slices=3, size=(32, 32), coils=3)
+        data.write_fastmri(tmp_path / name, d["kspace"], d["reference"], d["attrs"])
+    ds = data.SliceDataset(tmp_path)
+    t = data.MaskTransform(seed=0)
+    a = [t(ds[i])["mask"] for i in range(3)]
+    b = [t(ds[3 + i])["mask"] for i in range(3)]
+    assert not all(torch.equal(x, y) for x, y in zip(a, b))

@@ -116,3 +116,11 @@ def test_acceleration_counts_after_broadcasting():
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+def test_equispaced_offset_takes_every_value():
+    """fastMRI draws the offset of the equispaced lines from {0, …, acceleration − 1}."""
+    offsets = set()
+    for s in range(64):
+        m = masks.equispaced_cartesian((32, 128), 4, 0.08, seed=s)[0]
+        offsets.add(int(np.flatnonzero(m.numpy())[0]))  # the first column, left of the centre
+    assert offsets == {0, 1, 2, 3}

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import bilevelkit as bk
-from applications.mri import baselines, fft, masks
+from applications.mri import baselines, fft, masks, sensitivities
 from applications.mri.losses import ReconLoss, reconstruction
-from applications.mri.network import NetworkConfig, UnrolledRecon
+from applications.mri.network import NetworkConfig, UnrolledRecon, soft_threshold
 
 
 def batch(coils=3, shape=(12, 10), seed=0, sense=False):
@@ -206,3 +206,31 @@ def test_cg_sense_warm_start_is_kept_for_the_same_measurement_only():
     other = {k: batch(sense=True, seed=1)[k] for k in ("kspace", "mask", "sens")}
     torch.testing.assert_close(net.initial(other), fresh(other))
     assert not any(key.startswith("_") for key in net.state_dict())
+
+def test_a_phase_without_prior_is_a_gradient_step_from_any_state():
+    """ρ = 1 and a zero learned correction: u − (AᴴAu − Aᴴf) measures f exactly (M² = M)."""
+    torch.manual_seed(0)
+    net = UnrolledRecon(NetworkConfig(coils=3, phases=1, initial="none", rho=1.0))
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(2, 3, 12, 10, generator=g, dtype=torch.complex64)
+    m = masks.make("random", (12, 10), 2, 0.2, 0).expand(1, 12, 10).unsqueeze(0)
+    ctx = {"kspace": k * m + 0.0, "mask": m}
+    u = torch.randn(2, 3, 12, 10, generator=g, dtype=torch.complex64)
+    with torch.no_grad():
+        u1 = net.step(1, u, ctx)
+    torch.testing.assert_close(fft.fft2c(u1) * m, ctx["kspace"], rtol=1e-5, atol=1e-5)
+
+
+def test_soft_threshold_closed_form_and_the_sign_of_alpha():
+    z = torch.tensor([-3.0, -0.5, 0.0, 0.5, 3.0]).view(1, 1, 1, 5).repeat(1, 2, 1, 1)
+    out = soft_threshold(z, torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([-2.0, 0, 0, 0, 2.0]), rtol=0, atol=0)
+    net = UnrolledRecon(NetworkConfig(coils=3, phases=1, width=4, initial="none"))
+    torch.nn.init.normal_(net.phases[0].features_back[-1].weight, std=0.3)
+    b = torch.randn(1, 3, 8, 8, dtype=torch.complex64)
+    p = sensitivities.profiles(torch.randn(1, 3, 8, 8, dtype=torch.complex64))
+    with torch.no_grad():
+        net.phases[0].alpha.fill_(0.05)
+        a = net.phases[0].prox(b, p)
+        net.phases[0].alpha.fill_(-0.05)  # the threshold is |α|
+        torch.testing.assert_close(net.phases[0].prox(b, p), a, rtol=0, atol=0)

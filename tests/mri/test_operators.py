@@ -142,3 +142,13 @@ def test_cuda_matches_cpu():
     mask = torch.ones(1, 7)  # stays on the CPU: the operator moves it
     op_gpu = SenseOperator(sens.cuda(), mask)
     torch.testing.assert_close(op_gpu.normal(v.cuda()).cpu(), SenseOperator(sens, mask).normal(v))
+
+def test_coil_normal_follows_the_input_precision():
+    """The uncentred M² kept by ``normal`` is re-made for another dtype: a complex64 call
+    first must not round the next complex128 one."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(1, 7, generator=g, dtype=torch.float64) * 0.7 + 0.1  # weighted, M² ≠ M
+    op = CoilOperator(mask)
+    op.normal(torch.randn(2, 5, 7, generator=g, dtype=torch.complex64))
+    u = torch.randn(2, 5, 7, generator=g, dtype=torch.complex128)
+    torch.testing.assert_close(op.normal(u), ifft2c(mask**2 * fft2c(u)), rtol=1e-13, atol=1e-13)

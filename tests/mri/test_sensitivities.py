@@ -125,3 +125,32 @@ def test_profiles_are_zero_without_signal_and_refuse_bad_input():
         profiles(torch.zeros(3, 8, 8))
     with pytest.raises(ValueError, match=r"radius must be in \(0, 0.5\]"):
         profiles(torch.zeros(3, 8, 8, dtype=torch.complex64), radius=0.0)
+
+def test_maps_do_not_depend_on_the_phase_eigh_returns(monkeypatch):
+    """Eigenvectors are defined up to a phase, which differs between LAPACK builds and CUDA;
+    the maps' phase is fixed relative to coil 0 whatever eigh returns."""
+    _, _, k, _ = simulate()
+    y = apply_mask(k, masks.make("random", (N, N), 4, seed=0))
+    ref = estimate(y, 24)
+    eigh = torch.linalg.eigh
+
+    def rotated(a):
+        w, v = eigh(a)
+        g = torch.Generator().manual_seed(0)
+        phase = torch.exp(2j * torch.pi * torch.rand(v.shape[:-2] + (1, v.shape[-1]), generator=g,
+                                                   dtype=torch.float64))
+        return w, v * phase.to(v.dtype)
+
+    monkeypatch.setattr(torch.linalg, "eigh", rotated)
+    torch.testing.assert_close(estimate(y, 24), ref)
+
+
+def test_maps_vanish_far_outside_the_object():
+    """The eigenvalue crop zeroes the maps where no signal is (the phantom fills an ellipse
+    of half-axes 0.75 × 0.9)."""
+    _, _, k, _ = simulate()
+    est = estimate(apply_mask(k, masks.make("random", (N, N), 4, seed=0)), 24)
+    t = torch.linspace(-1, 1, N, dtype=torch.float64)
+    yy, xx = torch.meshgrid(t, t, indexing="ij")
+    far = (xx / 0.75) ** 2 + (yy / 0.9) ** 2 > 1.5
+    assert float(est[:, far].abs().max()) == 0

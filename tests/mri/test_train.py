@@ -7,10 +7,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from applications.mri import evaluate, train
+from applications.mri import data, evaluate, phantoms, train
+from applications.mri.losses import reconstruction
+from applications.mri.network import NetworkConfig, UnrolledRecon
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -272,3 +275,53 @@ def test_non_finite_training_stops_with_one_message_and_resume_takes_a_new_lr(tm
     assert [g["lr"] for g in state["trainer"]["optimizer"]["param_groups"]] == [1e-4]
     assert [g["lr"] for g in state["trainer"]["meta_optimizer"]["param_groups"]] == [0.05]
     assert state["config"]["lr"] == 1e-4 and state["trainer"]["epoch"] == 2
+
+# --- pieces of the CLIs, without training -------------------------------------------------
+
+def test_recon_transform_coil_target_is_normalised_like_the_target(tmp_path):
+    d = phantoms.make_task("brain_t1_random4", seed=0, slices=1, size=(32, 32), coils=3)
+    data.write_fastmri(tmp_path / "v.h5", d["kspace"], d["reference"], d["attrs"])
+    item = evaluate.ReconTransform(seed=0)(data.SliceDataset(tmp_path)[0])
+    torch.testing.assert_close(reconstruction(item["coil_target"][None])[0], item["target"],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_save_atomic_keeps_the_old_checkpoint_when_interrupted(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    train.save_atomic({"epoch": 1}, path)
+
+    def interrupted(obj, f):
+        Path(f).write_bytes(b"PK partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_atomic({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+
+
+def test_volume_psnr_uses_the_volume_maximum():
+    """fastMRI: PSNR of the whole volume with data range = the volume's maximum."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    rng = np.random.default_rng(0)
+    gt = rng.uniform(0, 1, (2, 16, 16)) * np.array([1.0, 3.0])[:, None, None]
+    pred = np.abs(gt + 0.1 * rng.standard_normal(gt.shape))
+    out = evaluate.volume_metrics(torch.from_numpy(gt), {"model": torch.from_numpy(pred)})
+    assert out["model"]["psnr"] == pytest.approx(
+        peak_signal_noise_ratio(gt, pred, data_range=gt.max()), abs=1e-6)
+
+
+def test_metrics_layout_and_adaptation_scores_the_other_volumes(tmp_path):
+    data.generate(tmp_path, tasks=["knee_pd_random8"], slices=1, size=(32, 32), coils=3,
+                  volumes=3, progress=False)
+    ds = data.SliceDataset(tmp_path)
+    files = evaluate.group_files(ds, range(len(ds)), evaluate.ReconTransform(seed=0))
+    torch.manual_seed(0)
+    models = {"knee": UnrolledRecon(NetworkConfig(coils=3, phases=1, width=4, kspace_width=4))}
+    res, _ = evaluate.evaluate_tasks(models, files, [], torch.device("cpu"), adapt_steps=1)
+    assert set(res) == {"tasks", "seen", "unseen", "mean"}
+    assert res["tasks"]["knee_pd_random8"]["volumes"] == 2  # the first one adapted the model
+    for m in evaluate.METHODS:
+        assert res["mean"]["unseen"][m] == pytest.approx(res["tasks"]["knee_pd_random8"][m])
