@@ -1,4 +1,5 @@
 """The training and evaluation CLIs end to end (tiny --quick configurations)."""
+import dataclasses
 import json
 import os
 import signal
@@ -54,6 +55,8 @@ def test_quick_run_writes_every_output(quick_run):
 def test_bad_input_exits_2_with_one_message(tmp_path, cache, quick_run, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
+    # a file the checks let through by mistake would stop at once here, instead of training
+    safe = ["--out", str(tmp_path / "o"), "--data", str(tmp_path / "missing"), "--threads", "1"]
     cases = [
         (["--data", str(empty), "--out", str(tmp_path / "a")], "no .h5 files"),
         (quick(tmp_path / "b", cache, "--tasks", "brain_t9_magic"), "unknown task(s) brain_t9_magic"),
@@ -65,10 +68,15 @@ def test_bad_input_exits_2_with_one_message(tmp_path, cache, quick_run, capsys):
             ("epochz = 2\n", "unknown option 'epochz' (did you mean 'epochs'?)"),
             ('epochs = "ten"\n', "option 'epochs' must be an integer, got 'ten'"),
             ('tasks = "brain_t1_random4"\n', "option 'tasks' must be a list of names"),
-            ("lr = true\n", "option 'lr' must be a number, got True")]):
+            ("lr = true\n", "option 'lr' must be a number, got True"),
+            ('share_initial = "false"\n', "option 'share_initial' must be true or false, got 'false'"),
+            ("epochs = true\n", "option 'epochs' must be an integer, got True"),
+            ("size = [64, true]\n", "option 'size' must be a list of integers"),
+            ("epochs = = 3\n", "not valid TOML")]):
         bad_config = tmp_path / f"bad{i}.toml"
         bad_config.write_text(text)
-        cases.append((["--config", str(bad_config)], f"--config {bad_config}: {message}"))
+        cases.append(([*safe, "--config", str(bad_config)], f"--config {bad_config}: {message}"))
+    cases.append(([*safe, "--config", str(tmp_path / "absent.toml")], "absent.toml: no such file"))
     for argv, message in cases:
         assert train.main(argv) == 2
         err = capsys.readouterr().err
@@ -325,3 +333,208 @@ def test_metrics_layout_and_adaptation_scores_the_other_volumes(tmp_path):
     assert res["tasks"]["knee_pd_random8"]["volumes"] == 2  # the first one adapted the model
     for m in evaluate.METHODS:
         assert res["mean"]["unseen"][m] == pytest.approx(res["tasks"]["knee_pd_random8"][m])
+
+
+def test_precedence_defaults_quick_config_cli(tmp_path):
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text("epochs = 5\nwidth = 7\n")
+    cfg, _ = train.resolve(["--quick", "--config", str(cfg_file), "--epochs", "9"])
+    assert cfg.epochs == 9          # command line beats --config
+    assert cfg.width == 7           # --config beats --quick (QUICK has width 6)
+    assert cfg.coils == 4           # --quick beats the defaults
+    assert cfg.depth == 2           # defaults where nothing else says
+
+
+# --- resume ----------------------------------------------------------------------------------
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_uses_the_checkpoint_config_with_given_options_on_top(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = train.TrainConfig(epochs=6, share_initial=False, lr=0.01, width=5, out=str(out),
+                              data=str(tmp_path))
+    torch.save({"config": dataclasses.asdict(saved), "trainer": {}}, out / "checkpoint.pt")
+    seen = {}
+
+    def stop(cfg, rank):
+        seen["cfg"] = cfg
+        raise Stop
+
+    monkeypatch.setattr(train, "data_root", stop)  # stop before any data or training
+    with pytest.raises(Stop):
+        train.main(["--out", str(out), "--resume", "--lr", "0.5", "--threads", "1"])
+    cfg = seen["cfg"]
+    assert cfg.lr == 0.5                                   # given: overrides the checkpoint
+    assert (cfg.epochs, cfg.share_initial, cfg.width) == (6, False, 5)  # not given: the checkpoint's
+
+
+# --- split -----------------------------------------------------------------------------------
+
+class FakeDataset:
+    def __init__(self, volumes):  # {task: (volumes, slices)}
+        self.examples = [data.Example(Path(f"{t}_{v}.h5"), f"{t}_{v}.h5", s, {"task": t})
+                         for t, (n, slices) in sorted(volumes.items()) for v in range(n)
+                         for s in range(slices)]
+
+    def files(self, indices):
+        return sorted({self.examples[i].fname for i in indices})
+
+
+def test_split_plan_synthetic():
+    ds = FakeDataset({"brain_t1_random4": (4, 2), "knee_pd_equispaced4": (3, 1),
+                      "knee_t2_random6": (3, 1), "knee_pd_random8": (3, 1)})
+    plan = train.split(ds, train.TrainConfig(unseen=["knee_t2_random6"]))
+    # held out: the catalogue's held-out task and --unseen; never trained on
+    assert plan["seen"] == ["brain_t1_random4", "knee_pd_equispaced4"]
+    assert plan["unseen"] == ["knee_pd_random8", "knee_t2_random6"]
+    for t in plan["unseen"]:
+        assert set(plan["parts"][t]) == {"test"} and len(ds.files(plan["parts"][t]["test"])) == 3
+    b = plan["parts"]["brain_t1_random4"]
+    assert ds.files(b["train"]) == ["brain_t1_random4_0.h5", "brain_t1_random4_1.h5"]
+    assert ds.files(b["val"]) == ["brain_t1_random4_2.h5"]
+    assert ds.files(b["test"]) == ["brain_t1_random4_3.h5"]
+    assert len(b["val"]) == len(b["test"]) == 2
+
+
+def test_split_by_slices_when_a_task_has_two_volumes():
+    ds = FakeDataset({"brain_t1_random4": (2, 2)})  # 4 slices: 3/5 train, then val, test
+    plan = train.split(ds, train.TrainConfig(data="folder"))
+    assert plan["parts"]["brain_t1_random4"] == {"train": [0, 1], "val": [2], "test": [3]}
+
+
+def test_split_refuses_tasks_missing_from_the_data():
+    ds = FakeDataset({"brain_t1_random4": (3, 1), "CORPD_FBK": (3, 1)})
+    with pytest.raises(train.UsageError, match="task.s. knee_x not found in the data"):
+        train.split(ds, train.TrainConfig(data="folder", tasks=["CORPD_FBK", "knee_x"]))
+
+
+# --- Recorder: CSV rows, checkpoint, best.pt -----------------------------------------------
+
+class FakeTrainer:
+    group_names = ["g1", "g2", "g3"]
+    task_names = ["brain", "knee"]
+    weights = torch.arange(6.0)  # reshaped to (groups, tasks): row g1 = (0, 1)
+
+    def __init__(self):
+        self.tag = 0
+
+    def state_dict(self):
+        return {"tag": self.tag}
+
+
+class Bar:
+    def set_postfix(self, **kw):
+        pass
+
+    def update(self, n):
+        pass
+
+
+def test_recorder_rows_and_best_checkpoint(tmp_path):
+    losses = iter([[2.0, 2.0], [1.0, 1.0], [3.0, 3.0]])
+    rec = train.Recorder(tmp_path, train.TrainConfig(), {"config": {}}, Bar(),
+                         lambda tr: next(losses), 0.0)
+    trainer = FakeTrainer()
+    for epoch in range(3):
+        trainer.tag = epoch + 1
+        rec(trainer, {"epoch": epoch, "train_loss": [1.0]})
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["trainer"]["tag"] == 2 and best["best"] == 1.0  # epoch 2: lowest val loss
+    last = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert last["trainer"]["tag"] == 3 and last["best"] == 1.0
+    rows = (tmp_path / "weights.csv").read_text().splitlines()
+    assert rows[0] == "epoch,group,brain,knee"
+    assert rows[1:4] == ["1,g1,0.000000,1.000000", "1,g2,2.000000,3.000000", "1,g3,4.000000,5.000000"]
+    log = (tmp_path / "train_log.csv").read_text().splitlines()
+    assert log[0] == "epoch,seconds,train_loss,val_loss,val_brain,val_knee"
+    assert [r.split(",")[0] for r in log[1:]] == ["1", "2", "3"]
+
+
+def test_recorder_after_resume_keeps_a_better_best(tmp_path):
+    rec = train.Recorder(tmp_path, train.TrainConfig(), {"best": 0.5}, Bar(), lambda tr: [1.0], 0.0)
+    rec(FakeTrainer(), {"epoch": 3, "train_loss": [1.0]})
+    assert (tmp_path / "checkpoint.pt").is_file() and not (tmp_path / "best.pt").exists()
+
+
+# --- a tiny real training run: val tasks, metrics.json ----------------------------------------
+
+def test_tiny_run_val_tasks_and_metrics(tmp_path):
+    root = tmp_path / "data"
+    data.generate(root, tasks=["brain_t1_random4", "brain_t2_equispaced4", "knee_pd_equispaced4",
+                               "knee_t2_random6"], slices=1, size=(32, 32), coils=2, volumes=3,
+                  progress=False)
+    out = tmp_path / "run"
+    assert train.main(["--data", str(root), "--out", str(out), "--unseen", "knee_t2_random6",
+                       "--epochs", "1", "--lower-steps", "1", "--upper-steps", "1", "--phases", "1",
+                       "--width", "2", "--mask-variants", "1", "--cg-iters", "2", "--batch-size", "1",
+                       "--threads", "1"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    seen = ["brain_t1_random4", "brain_t2_equispaced4", "knee_pd_equispaced4"]
+    assert m["seen"] == seen and m["unseen"] == ["knee_t2_random6"] and m["epochs"] == 1
+    assert m["weights"]["groups"] == seen and m["weights"]["tasks"] == ["brain", "knee"]
+    W = m["weights"]["W"]
+    assert len(W) == 3 and all(len(r) == 2 for r in W)
+    assert m["tasks"]["knee_t2_random6"]["model_task"] == "knee"
+    assert all(m["tasks"][t]["volumes"] == 1 for t in seen)
+    assert m["tasks"]["knee_t2_random6"]["volumes"] == 3
+    rows = (out / "weights.csv").read_text().splitlines()
+    assert rows[0] == "epoch,group,brain,knee" and [r.split(",")[1] for r in rows[1:]] == seen
+    assert [float(x) for x in rows[1].split(",")[2:]] == pytest.approx(W[0], abs=1e-6)
+
+
+# --- evaluate CLI ------------------------------------------------------------------------------
+
+def fake_checkpoint(path, trained_on=None):
+    net = NetworkConfig(coils=2, phases=1, width=2, kspace_width=2)
+    torch.manual_seed(0)
+    model = UnrolledRecon(net)
+    torch.save({"config": {}, "network": dataclasses.asdict(net), "task_names": ["brain"],
+                "trainer": {"models": {f"0.{k}": v for k, v in model.state_dict().items()}},
+                "seen_tasks": ["brain_t1_random4"], "trained_on": trained_on or {}}, path)
+    return path
+
+
+def test_evaluate_refuses_an_unfinished_training_out(tmp_path, capsys):
+    out = tmp_path / "unfinished"
+    out.mkdir()
+    (out / "config.toml").write_text("epochs = 3\n")  # a run that stopped before its first epoch
+    ckpt = fake_checkpoint(tmp_path / "c.pt")
+    assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(tmp_path), "--out", str(out)]) == 2
+    assert "holds a training run" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_negative_adapt(tmp_path, capsys):
+    assert evaluate.main(["--checkpoint", str(tmp_path / "c.pt"), "--data", str(tmp_path),
+                          "--out", str(tmp_path / "o"), "--adapt", "-1"]) == 2
+    assert "--adapt must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_evaluate_bad_data_file_exits_2(tmp_path, capsys):
+    ckpt = fake_checkpoint(tmp_path / "c.pt")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "broken.h5").write_text("not HDF5")
+    assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(tmp_path / "d"),
+                          "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "broken.h5: not a readable HDF5 file" in err and "Traceback" not in err, err
+
+
+def test_evaluate_leaves_out_trained_slices_of_their_own_file_only(tmp_path):
+    root = tmp_path / "d"
+    data.generate(root, tasks=["brain_t1_random4"], slices=2, size=(32, 32), coils=2, volumes=2,
+                  progress=False)
+    ckpt = fake_checkpoint(tmp_path / "c.pt", {"brain_t1_random4_000.h5": [0, 1]})
+    assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(root),
+                          "--out", str(tmp_path / "o")]) == 0
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert m["tasks"]["brain_t1_random4"]["volumes"] == 1 and m["held_out_only"]
+
+
+def test_nearest_prefers_the_same_anatomy():
+    assert evaluate.nearest("brain_pd_random8", ["knee_pd_random8", "brain_t1_equispaced4"]) \
+        == "brain_t1_equispaced4"
+    assert evaluate.nearest("knee_pd_random8", ["knee_t2_equispaced4", "knee_pd_random4"]) \
+        == "knee_pd_random4"
