@@ -148,15 +148,20 @@ def test_evaluate_bad_input_exits_2_with_one_message(quick_run, tmp_path, capsys
     evil = tmp_path / "evil.pt"
     torch.save({"config": {}, "trainer": {}, "payload": evaluate.UsageError("x")}, evil)
     ckpt = str(quick_run / "best.pt")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "broken.h5").write_text("not HDF5")
     cases = [
         ([evil, tmp_path, tmp_path / "o"], "evaluate.UsageError), which we never do (weights_only=True)"),
         ([text, tmp_path, tmp_path / "o"], "not a PyTorch checkpoint"),
         ([quick_run, tmp_path, tmp_path / "o"], "is a folder; pass the checkpoint file in it"),
         ([ckpt, tmp_path, quick_run], "holds a training run"),
         ([ckpt, tmp_path / "missing", tmp_path / "o"], "no such folder"),
+        ([ckpt, tmp_path / "d", tmp_path / "o"], "broken.h5: not a readable HDF5 file"),
+        ([ckpt, tmp_path, tmp_path / "o", "--adapt", "-1"], "--adapt must be >= 0, got -1"),
     ]
-    for (checkpoint, data, out), message in cases:
-        assert evaluate.main(["--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out)]) == 2
+    for (checkpoint, data, out, *extra), message in cases:
+        assert evaluate.main(["--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out),
+                              *extra]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
     assert (quick_run / "metrics.json").stat().st_size > 0  # the training run's own results stay
@@ -504,22 +509,6 @@ def test_evaluate_refuses_an_unfinished_training_out(tmp_path, capsys):
     ckpt = fake_checkpoint(tmp_path / "c.pt")
     assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(tmp_path), "--out", str(out)]) == 2
     assert "holds a training run" in capsys.readouterr().err
-
-
-def test_evaluate_refuses_negative_adapt(tmp_path, capsys):
-    assert evaluate.main(["--checkpoint", str(tmp_path / "c.pt"), "--data", str(tmp_path),
-                          "--out", str(tmp_path / "o"), "--adapt", "-1"]) == 2
-    assert "--adapt must be >= 0, got -1" in capsys.readouterr().err
-
-
-def test_evaluate_bad_data_file_exits_2(tmp_path, capsys):
-    ckpt = fake_checkpoint(tmp_path / "c.pt")
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "broken.h5").write_text("not HDF5")
-    assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(tmp_path / "d"),
-                          "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert "broken.h5: not a readable HDF5 file" in err and "Traceback" not in err, err
 
 
 def test_evaluate_leaves_out_trained_slices_of_their_own_file_only(tmp_path):
