@@ -90,6 +90,12 @@ def _differentiable(value: Tensor) -> Tensor:
     return value
 
 
+def _what(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"shape {tuple(x.shape)} and dtype {x.dtype}"
+    return f"type {type(x).__name__}"
+
+
 def _unused_error(names: list[str]) -> ValueError:
     listed = ", ".join(repr(n) for n in names)
     return ValueError(
@@ -182,6 +188,10 @@ class _Sweep:
         """Add ``(∂_θ F_t)* λ_t`` to the gradients and return ``λ_{t-1} = (∂_x F_t)* λ_t``."""
         if self.keep:
             self.multipliers[t] = lam
+        with torch.no_grad():
+            custom = self.dynamics.vjp(t, x_prev, lam, self.ctx)
+        if custom is not None:
+            return self._custom(t, x_prev, custom)
         params = list(self.params.values())
         with torch.enable_grad():
             x = None if t == 0 else x_prev.detach().requires_grad_()
@@ -197,6 +207,28 @@ class _Sweep:
         if x is None:
             return None
         return torch.zeros_like(x_prev) if grads[0] is None else grads[0]
+
+    def _custom(self, t: int, x_prev: Tensor | None, custom: Any) -> Tensor | None:
+        """Check and accumulate what an overridden ``Dynamics.vjp`` returned."""
+        where = f"{type(self.dynamics).__name__}.vjp(t={t}, ...)"
+        if not (isinstance(custom, tuple) and len(custom) == 2 and isinstance(custom[1], dict)):
+            raise ValueError(f"{where} must return None or a pair (lambda_prev, dict name -> "
+                             f"gradient), got {type(custom).__name__}")
+        lam_prev, grads = custom
+        if x_prev is not None and not (isinstance(lam_prev, Tensor) and lam_prev.shape == x_prev.shape
+                                       and lam_prev.dtype == x_prev.dtype):
+            raise ValueError(f"{where} returned a multiplier of {_what(lam_prev)}; expected the "
+                             f"state's shape {tuple(x_prev.shape)} and dtype {x_prev.dtype}")
+        for n, g in grads.items():
+            p = self.params.get(n)
+            if p is None:
+                raise ValueError(f"{where} returned a gradient for {n!r}, which is not a trainable "
+                                 f"parameter of the dynamics (those are {sorted(self.params)})")
+            if not (isinstance(g, Tensor) and g.shape == p.shape):
+                raise ValueError(f"{where} returned a gradient for {n!r} of {_what(g)}; expected "
+                                 f"shape {tuple(p.shape)}")
+            self.grads[n] = g if n not in self.grads else self.grads[n] + g
+        return None if x_prev is None else lam_prev
 
     def result(self) -> CostateResult:
         unused = [n for n in self.params if n not in self.grads]

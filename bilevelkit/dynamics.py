@@ -35,6 +35,20 @@ class Dynamics(nn.Module):
         """``x_t = F_t(x_{t-1}; θ_t)`` for ``t = 1..T``."""
         raise NotImplementedError(f"{type(self).__name__} must implement step(t, x, ctx)")
 
+    def vjp(self, t: int, x: Tensor | None, lam: Tensor, ctx: Any
+            ) -> tuple[Tensor | None, dict[str, Tensor]] | None:
+        """Optional: the adjoint of phase ``t`` computed by the subclass.
+
+        Return ``(λ_{t-1}, grads)`` with ``λ_{t-1} = (∂_x F_t)* λ_t`` (``None`` for ``t = 0``)
+        and ``grads`` = ``{name: (∂_θ F_t)* λ_t}`` for the trainable parameters the phase uses
+        (names as in ``named_parameters()``); ``x`` is the stored ``x_{t-1}``. The sweeps call
+        it under ``torch.no_grad()`` (enable gradients inside to use autograd). Return ``None``
+        (the default) to let the sweeps differentiate :meth:`step` with autograd. Override it
+        for a hand-derived or compiled adjoint; :func:`bilevelkit.testing.check_dynamics`
+        compares the sweeps, which use it, against autograd through :meth:`step`.
+        """
+        return None
+
     def forward(self, t: int, x: Tensor | None, ctx: Any) -> Tensor:
         return self.initial(ctx) if t == 0 else self.step(t, x, ctx)
 

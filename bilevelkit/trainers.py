@@ -373,17 +373,21 @@ class BilevelTrainer:
             # the look-ahead works on copies of the buffers (e.g. batch-norm statistics), which
             # the upper level must not update, and moves only what the lower level trains
             buffers = {f"model.{n}": b.clone() for n, b in model.named_buffers()}
+            omega, w = self._column(j)
+            # groups of zero weight (sparsemax) cost nothing; decided here, not inside the loss,
+            # so the loss has no data-dependent branch (torch.compile) and no device syncs
+            support = [i for i, x in enumerate(w.tolist()) if x > 0]
 
-            def inner_loss(params, weights, bound=bound, batches=batches, buffers=buffers):
-                terms = [weights[i] * functional_call(bound, {**buffers, **params}, (b,))
-                         for i, b in enumerate(batches) if float(weights[i].detach()) > 0]
+            def inner_loss(params, weights, bound=bound, batches=batches, buffers=buffers,
+                           support=support):
+                terms = [weights[i] * functional_call(bound, {**buffers, **params}, (batches[i],))
+                         for i in support]
                 return torch.stack(terms).sum()
 
             def outer_loss(params, bound=bound, val=val, buffers=buffers):
                 return functional_call(bound, {**buffers, **params}, (val,))
 
             params = {f"model.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
-            omega, _ = self._column(j)
             try:
                 res = self.hypergrad(inner_loss, outer_loss, params, omega.detach(),
                                      normalizer=self.normalizer)

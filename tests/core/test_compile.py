@@ -1,0 +1,179 @@
+"""``Unrolled(compile=True)`` and the ``Dynamics.vjp`` override it is built on."""
+import pytest
+import torch
+import torch._dynamo
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bilevelkit as bk
+from bilevelkit.hypergrad import InnerLoop, InnerOptimizer, Unrolled
+from bilevelkit.testing import check_dynamics, relative_error
+
+from .test_innerloop import mlp_problem
+
+DT = torch.float64
+GROUPS, WIDTH = 3, 4  # one shape for every compiled test: each new shape compiles again
+
+
+@settings(max_examples=12)
+@given(st.integers(1, 8), st.sampled_from(["sgd", "momentum", "adam"]), st.booleans(),
+       st.integers(0, 10**6), st.data())
+def test_compiled_hypergradient_equals_plain_unrolled(k, optimizer, learn_lr, seed, data):
+    problem = mlp_problem(GROUPS, WIDTH, seed=seed)
+    ref = Unrolled(steps=k, lr=0.05, optimizer=optimizer, learn_lr=learn_lr)(*problem)
+    c = data.draw(st.integers(1, k + 1), label="checkpoints")
+    for costate in (bk.AdjointSweep(), bk.CheckpointedSweep(c)):
+        res = Unrolled(steps=k, lr=0.05, optimizer=optimizer, costate=costate, learn_lr=learn_lr,
+                       compile=True)(*problem)
+        assert relative_error(res.hypergrad, ref.hypergrad) <= 1e-10, costate
+        assert res.outer_loss == pytest.approx(ref.outer_loss, rel=1e-12)
+        for n in ref.params:
+            assert relative_error(res.params[n], ref.params[n]) <= 1e-12
+        if learn_lr:
+            assert res.lr_grad == pytest.approx(ref.lr_grad, rel=1e-10, abs=1e-14)
+
+
+def test_compiled_inner_loop_passes_check_dynamics():
+    """check_dynamics runs the sweeps (which use the compiled VJP) against autograd through
+    the eager step."""
+    inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=1)
+    loop = InnerLoop(inner_loss, params, omega, 4, 0.05, InnerOptimizer("adam"), "softmax",
+                     learn_lr=True, compile=True)
+    eager = InnerLoop(inner_loss, params, omega, 4, 0.05, InnerOptimizer("adam"), "softmax",
+                      learn_lr=True)
+    x = loop.initial(None)
+    lam = torch.randn_like(x)
+    x = eager.step(1, x, None).detach()
+    lam_prev, grads = loop.vjp(2, x, lam, None)
+    assert eager.vjp(2, x, lam, None) is None  # the eager loop leaves the VJP to autograd
+    with torch.enable_grad():
+        xs = x.clone().requires_grad_()
+        ref = torch.autograd.grad(eager.step(2, xs, None), [xs, eager.omega, eager.lr], lam)
+    assert relative_error(lam_prev, ref[0]) <= 1e-12
+    assert relative_error(grads["omega"], ref[1]) <= 1e-12
+    assert relative_error(grads["lr"], ref[2]) <= 1e-12
+    check_dynamics(loop, None, lambda x: outer_loss(loop.unflatten(x)))
+
+
+def test_compiled_route_compiles_once_for_new_closures_and_horizons():
+    inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=2)
+
+    def fresh():  # a new closure object of the same code every call, as a trainer makes
+        return lambda p, w: inner_loss(p, w)
+
+    method = Unrolled(steps=3, lr=0.05, optimizer="momentum", costate=bk.AdjointSweep(), compile=True)
+    method(fresh(), outer_loss, params, omega)
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    for k in (2, 5):
+        Unrolled(steps=k, lr=0.07, optimizer="momentum", costate=bk.AdjointSweep(),
+                 compile=True)(fresh(), outer_loss, params, omega * k)
+    assert torch._dynamo.utils.counters["frames"]["ok"] == frames
+
+
+def test_compile_names_an_inner_loss_it_cannot_trace():
+    inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=3)
+
+    def untraceable(p, w):
+        loss = inner_loss(p, w)
+        return loss * 2 if loss.item() > 1e9 else loss  # data-dependent Python control flow
+
+    with pytest.raises(RuntimeError, match=r"compile=True.*traceable.*compile=False"):
+        Unrolled(steps=2, lr=0.05, costate=bk.AdjointSweep(), compile=True)(
+            untraceable, outer_loss, params, omega)
+
+
+def test_compiled_route_names_a_non_finite_inner_loss():
+    inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=4)
+
+    def blows_up(p, w):  # finite at θ⁰ (b1 = 0, checked eagerly), inf once b1 has moved
+        return inner_loss(p, w) + torch.where(p["b1"].abs().sum() > 0, torch.inf, 0.0)
+
+    with pytest.raises(FloatingPointError, match=r"inner_loss is inf at inner step 1"):
+        Unrolled(steps=4, lr=0.05, costate=bk.AdjointSweep(), compile=True)(
+            blows_up, outer_loss, params, omega)
+
+
+def test_compile_flag_is_a_bool_for_a_costate_sweep():
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        Unrolled(steps=2, lr=0.1, costate=bk.AdjointSweep(), compile="yes")
+    with pytest.raises(ValueError, match=r"compile=True compiles the phases of a costate sweep"):
+        Unrolled(steps=2, lr=0.1, compile=True)
+
+
+@pytest.mark.parametrize("normalizer", ["softmax", "sparsemax"])
+def test_trainer_with_compiled_hypergradients_matches_eager(normalizer):
+    """The trainer's inner loss (zero-weight groups left out before the call) compiles, and the
+    run is the eager run's to rounding."""
+    from .test_trainers import cleaning_problem, linear, mse
+
+    train, val = cleaning_problem()
+    out = []
+    for compile in (False, True):
+        trainer = bk.trainers.BilevelTrainer(
+            linear(), mse, train, val, batch_size=32, normalizer=normalizer, meta_lr=0.5,
+            hypergrad=Unrolled(steps=3, lr=0.1, costate=bk.AdjointSweep(), compile=compile))
+        trainer.fit(4)
+        out.append(trainer.omega.clone())
+    if normalizer == "sparsemax":
+        assert (bk.normalizers.sparsemax(out[1]) == 0).any()  # the support did change
+    torch.testing.assert_close(out[0], out[1], rtol=1e-10, atol=1e-12)
+
+
+# --- Dynamics.vjp: a subclass's own adjoint -------------------------------------------------
+
+class Linear(bk.Dynamics):
+    """x_0 = b_0, x_t = A_t x_{t-1} + b_t; ``vjp`` hand-derived (``wrong`` breaks it)."""
+
+    def __init__(self, T=3, n=4, wrong=False, reply=None):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.horizon, self.wrong, self.reply = T, wrong, reply
+        self.A = torch.nn.Parameter(torch.randn(T, n, n, generator=g, dtype=DT) / 2)
+        self.b = torch.nn.Parameter(torch.randn(T + 1, n, generator=g, dtype=DT))
+
+    def initial(self, ctx):
+        return self.b[0]
+
+    def step(self, t, x, ctx):
+        return self.A[t - 1] @ x + self.b[t]
+
+    def vjp(self, t, x, lam, ctx):
+        if self.reply is not None:
+            return self.reply(t, x, lam)
+        gb = torch.zeros_like(self.b)
+        gb[t] = lam
+        if t == 0:
+            return None, {"b": gb}
+        gA = torch.zeros_like(self.A)
+        gA[t - 1] = torch.outer(lam, x) * (1.001 if self.wrong else 1)
+        return self.A[t - 1].T @ lam, {"A": gA, "b": gb}
+
+
+def _loss(x):
+    return (x ** 2).sum()
+
+
+def test_hand_written_vjp_is_used_and_exact():
+    dyn = Linear()
+    ref = bk.AutogradCostate().solve(dyn, None, _loss)
+    for solver in (bk.AdjointSweep(), bk.CheckpointedSweep(2)):
+        res = solver.solve(dyn, None, _loss)
+        for n in ref.grads:
+            assert relative_error(res.grads[n], ref.grads[n]) <= 1e-13
+    check_dynamics(dyn, None, _loss)
+
+
+def test_check_dynamics_catches_a_wrong_vjp():
+    with pytest.raises(AssertionError):
+        check_dynamics(Linear(wrong=True), None, _loss)
+
+
+@pytest.mark.parametrize("reply, match", [
+    (lambda t, x, lam: lam, r"Linear.vjp\(t=3, ...\) must return None or a pair"),
+    (lambda t, x, lam: (lam[:2], {}), r"multiplier of shape \(2,\).*expected the state's shape \(4,\)"),
+    (lambda t, x, lam: (lam, {"C": lam}), r"gradient for 'C', which is not a trainable parameter"),
+    (lambda t, x, lam: (lam, {"A": lam}), r"gradient for 'A' of shape \(4,\).*expected shape \(3, 4, 4\)"),
+])
+def test_malformed_vjp_replies_are_named(reply, match):
+    with pytest.raises(ValueError, match=match):
+        bk.AdjointSweep().solve(Linear(reply=reply), None, _loss)
