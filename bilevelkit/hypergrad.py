@@ -190,7 +190,7 @@ class Unrolled:
 
     ``compile=True`` (with a ``costate``) compiles the sweep's forward step and the step's VJP
     with ``torch.compile`` (see :class:`InnerLoop`): on the benchmark problem at k = 200 the
-    sweeps then take 0.9–1.5× the time of the autograd route instead of 1.6–2.5×
+    sweeps then take 0.96–1.70× the time of the autograd route instead of 1.70–2.82×
     (docs/benchmarks.md). The first call compiles (seconds); ``inner_loss`` must be traceable
     by ``torch.func`` and ``torch.compile``, else a ``RuntimeError`` says so.
     """

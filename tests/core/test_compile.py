@@ -1,4 +1,7 @@
 """``Unrolled(compile=True)`` and the ``Dynamics.vjp`` override it is built on."""
+import os
+import shutil
+
 import pytest
 import torch
 import torch._dynamo
@@ -13,8 +16,12 @@ from .test_innerloop import mlp_problem
 
 DT = torch.float64
 GROUPS, WIDTH = 3, 4  # one shape for every compiled test: each new shape compiles again
+compiler = pytest.mark.skipif(
+    not (os.environ.get("CXX") or any(map(shutil.which, ("g++", "c++", "clang++")))),
+    reason="torch.compile on CPU needs a C++ compiler")
 
 
+@compiler
 @settings(max_examples=12)
 @given(st.integers(1, 8), st.sampled_from(["sgd", "momentum", "adam"]), st.booleans(),
        st.integers(0, 10**6), st.data())
@@ -33,6 +40,7 @@ def test_compiled_hypergradient_equals_plain_unrolled(k, optimizer, learn_lr, se
             assert res.lr_grad == pytest.approx(ref.lr_grad, rel=1e-10, abs=1e-14)
 
 
+@compiler
 def test_compiled_inner_loop_passes_check_dynamics():
     """check_dynamics runs the sweeps (which use the compiled VJP) against autograd through
     the eager step."""
@@ -55,6 +63,7 @@ def test_compiled_inner_loop_passes_check_dynamics():
     check_dynamics(loop, None, lambda x: outer_loss(loop.unflatten(x)))
 
 
+@compiler
 def test_compiled_route_compiles_once_for_new_closures_and_horizons():
     inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=2)
 
@@ -70,6 +79,7 @@ def test_compiled_route_compiles_once_for_new_closures_and_horizons():
     assert torch._dynamo.utils.counters["frames"]["ok"] == frames
 
 
+@compiler
 def test_compile_names_an_inner_loss_it_cannot_trace():
     inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=3)
 
@@ -82,6 +92,7 @@ def test_compile_names_an_inner_loss_it_cannot_trace():
             untraceable, outer_loss, params, omega)
 
 
+@compiler
 def test_compiled_route_names_a_non_finite_inner_loss():
     inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=4)
 
@@ -100,6 +111,7 @@ def test_compile_flag_is_a_bool_for_a_costate_sweep():
         Unrolled(steps=2, lr=0.1, compile=True)
 
 
+@compiler
 @pytest.mark.parametrize("normalizer", ["softmax", "sparsemax"])
 def test_trainer_with_compiled_hypergradients_matches_eager(normalizer):
     """The trainer's inner loss (zero-weight groups left out before the call) compiles, and the
