@@ -92,8 +92,13 @@ def _differentiable(value: Tensor) -> Tensor:
 
 def _what(x: Any) -> str:
     if isinstance(x, Tensor):
-        return f"shape {tuple(x.shape)} and dtype {x.dtype}"
+        return f"shape {tuple(x.shape)}, dtype {x.dtype} and device {x.device}"
     return f"type {type(x).__name__}"
+
+
+def _like(x: Any, ref: Tensor) -> bool:
+    return (isinstance(x, Tensor) and x.shape == ref.shape and x.dtype == ref.dtype
+            and x.device == ref.device)
 
 
 def _unused_error(names: list[str]) -> ValueError:
@@ -215,18 +220,17 @@ class _Sweep:
             raise ValueError(f"{where} must return None or a pair (lambda_prev, dict name -> "
                              f"gradient), got {type(custom).__name__}")
         lam_prev, grads = custom
-        if x_prev is not None and not (isinstance(lam_prev, Tensor) and lam_prev.shape == x_prev.shape
-                                       and lam_prev.dtype == x_prev.dtype):
+        if x_prev is not None and not _like(lam_prev, x_prev):
             raise ValueError(f"{where} returned a multiplier of {_what(lam_prev)}; expected the "
-                             f"state's shape {tuple(x_prev.shape)} and dtype {x_prev.dtype}")
+                             f"state's {_what(x_prev)}")
         for n, g in grads.items():
             p = self.params.get(n)
             if p is None:
                 raise ValueError(f"{where} returned a gradient for {n!r}, which is not a trainable "
                                  f"parameter of the dynamics (those are {sorted(self.params)})")
-            if not (isinstance(g, Tensor) and g.shape == p.shape):
+            if not _like(g, p):
                 raise ValueError(f"{where} returned a gradient for {n!r} of {_what(g)}; expected "
-                                 f"shape {tuple(p.shape)}")
+                                 f"the parameter's {_what(p)}")
             self.grads[n] = g if n not in self.grads else self.grads[n] + g
         return None if x_prev is None else lam_prev
 

@@ -18,6 +18,7 @@ The lower-level update is a pure function, reusable outside the strategies:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal, Mapping, Sequence
 
@@ -326,32 +327,47 @@ class InnerLoop(Dynamics):
         with torch.enable_grad():
             weights = self.normalizer(self.omega)
         with torch.no_grad():  # the function transforms inside still differentiate
-            lam_prev, g_weights, g_lr, loss = self._call(_compiled_vjp(), x, weights.detach(), t, lam)
+            lam_prev, g_weights, g_lr, loss = self._call(_phase_vjp, x, weights.detach(), t, lam)
         _scalar(loss, "inner_loss", f"at inner step {t - 1}")
         (g_omega,) = _or_zeros(_grad([weights], [self.omega], [g_weights]), [self.omega])
         grads = {"omega": g_omega}
         if isinstance(self.lr, Tensor):
-            grads["lr"] = g_lr
+            grads["lr"] = g_lr.to(self.lr.dtype)
         return lam_prev, grads
 
     def _compiled_step(self, t: int, x: Tensor, weights: Tensor, where: str) -> Tensor:
-        out, loss = self._call(_compiled_phase(), x, weights, t)
+        out, loss = self._call(_phase, x, weights, t)
         _scalar(loss, "inner_loss", where)
         return out
 
     def _call(self, fn: Callable, x: Tensor, weights: Tensor, t: int, *rest: Tensor) -> tuple:
-        lr = self.lr.detach() if isinstance(self.lr, Tensor) else self.theta0.new_tensor(self.lr)
-        step = self.theta0.new_tensor(float(t - 1))  # a tensor: no recompilation per step
+        """``torch.compile(fn)`` on this step; ``fn`` itself (eager ``torch.func``) once
+        torch.compile's recompilation limit is reached."""
+        # step and lr as tensors (no recompilation per step or rate), at least float32 (so
+        # that Adam's 1 − β₂ᵗ does not round to 0 for bfloat16 parameters)
+        dtype = torch.promote_types(self.theta0.dtype, torch.float32)
+        lr = (self.lr.detach() if isinstance(self.lr, Tensor)
+              else torch.tensor(self.lr, dtype=dtype, device=self.theta0.device))
+        step = torch.tensor(float(t - 1), dtype=dtype, device=self.theta0.device)
+        args = (self.inner_loss, self.layout, self.optimizer, x, weights, lr, step, *rest)
         try:
-            return fn(self.inner_loss, self.layout, self.optimizer, x, weights, lr, step, *rest)
-        except Exception as err:
-            first = (str(err).strip().splitlines() or [""])[0]
+            return _compiled(fn)(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            _warn_recompile_limit(fn)
+            return fn(*args)
+        except torch._dynamo.exc.TorchDynamoException as err:
+            cause: Exception = err
+            try:  # the same step without the compiler names the user's own error, if any
+                fn(*args)
+            except Exception as eager:  # noqa: BLE001 - reported below, with its type
+                cause = eager
+            first = (str(cause).strip().splitlines() or [""])[0]
             raise RuntimeError(
                 f"Unrolled(compile=True): torch.compile could not compile the inner step "
-                f"({type(err).__name__}: {first}). inner_loss must be traceable by torch.func.grad "
-                "and torch.compile (no .item(), no data-dependent Python control flow), and "
-                "torch.compile needs a C/C++ compiler on CPU; or use compile=False"
-            ) from err
+                f"({type(cause).__name__}: {first}). inner_loss must be traceable by "
+                "torch.func.grad and torch.compile (no .item(), no data-dependent Python control "
+                "flow), and torch.compile needs a C/C++ compiler on CPU; or use compile=False"
+            ) from cause
 
 
 @dataclass(frozen=True)
@@ -380,7 +396,8 @@ def _phase(inner_loss: InnerLoss, layout: _Layout, optimizer: InnerOptimizer, x:
     """One inner step as a pure function (``torch.func``), for ``torch.compile``: the new state
     and the inner loss at ``x``. Differentiating it (the sweep's VJP) is a Hessian-vector product."""
     theta = x[0]
-    g, loss = torch.func.grad_and_value(lambda th: inner_loss(layout.unflatten(th), weights))(theta)
+    g, loss = torch.func.grad_and_value(
+        lambda th: inner_loss(layout.unflatten(th), weights).reshape(()))(theta)
     return _next_state(optimizer, x, theta, g, lr, step), loss
 
 
@@ -396,14 +413,7 @@ def _phase_vjp(inner_loss: InnerLoss, layout: _Layout, optimizer: InnerOptimizer
 
 
 _COMPILED: dict = {}
-
-
-def _compiled_phase() -> Callable:
-    return _compiled(_phase)
-
-
-def _compiled_vjp() -> Callable:
-    return _compiled(_phase_vjp)
+_WARNED: set = set()
 
 
 def _compiled(fn: Callable) -> Callable:
@@ -411,6 +421,17 @@ def _compiled(fn: Callable) -> Callable:
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
     return _COMPILED[fn]
+
+
+def _warn_recompile_limit(fn: Callable) -> None:
+    if fn not in _WARNED:
+        _WARNED.add(fn)
+        warnings.warn(
+            f"Unrolled(compile=True): torch.compile has compiled {fn.__name__} for as many "
+            "variants as it keeps (torch._dynamo.config.recompile_limit: new shapes, dtypes, "
+            "optimizers, inner_loss code, captured Python numbers or sparsemax supports); new "
+            "variants run eagerly from now on, exactly but without the speed-up. Pass changing "
+            "numbers to inner_loss as tensors, or raise the limit.", stacklevel=2)
 
 
 @dataclass(frozen=True)

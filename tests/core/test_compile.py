@@ -63,20 +63,60 @@ def test_compiled_inner_loop_passes_check_dynamics():
     check_dynamics(loop, None, lambda x: outer_loss(loop.unflatten(x)))
 
 
+def _graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 @compiler
 def test_compiled_route_compiles_once_for_new_closures_and_horizons():
+    torch._dynamo.reset()  # this test counts compilations from an empty cache
     inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=2)
 
     def fresh():  # a new closure object of the same code every call, as a trainer makes
         return lambda p, w: inner_loss(p, w)
 
     method = Unrolled(steps=3, lr=0.05, optimizer="momentum", costate=bk.AdjointSweep(), compile=True)
+    before = _graphs()
     method(fresh(), outer_loss, params, omega)
-    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    graphs = _graphs()
+    assert graphs == before + 2  # the forward step and its VJP
     for k in (2, 5):
         Unrolled(steps=k, lr=0.07, optimizer="momentum", costate=bk.AdjointSweep(),
                  compile=True)(fresh(), outer_loss, params, omega * k)
-    assert torch._dynamo.utils.counters["frames"]["ok"] == frames
+    assert _graphs() == graphs
+
+
+@compiler
+def test_past_the_recompile_limit_the_steps_run_eagerly_and_exactly(monkeypatch):
+    """A captured Python number specialises the compiled step; once torch.compile keeps no
+    more variants, the steps run eagerly (one warning) and the result is still exact."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(bk.hypergrad, "_WARNED", set())
+    inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=5)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for i, c in enumerate((1e-3, 2e-3, 3e-3)):
+            def loss(p, w, c=c):
+                return inner_loss(p, w) + c * (p["W1"] ** 2).sum()
+
+            args = (loss, outer_loss, params, omega)
+            ref = Unrolled(steps=3, lr=0.05, optimizer="adam")(*args)
+            method = Unrolled(steps=3, lr=0.05, optimizer="adam", costate=bk.AdjointSweep(), compile=True)
+            if i == 1:
+                with pytest.warns(UserWarning, match="new variants run eagerly"):
+                    res = method(*args)
+            else:
+                res = method(*args)
+            assert relative_error(res.hypergrad, ref.hypergrad) <= 1e-10
+
+
+@compiler
+def test_compiled_step_takes_a_one_element_loss():
+    inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=6)
+    shaped = lambda p, w: inner_loss(p, w).reshape(1)  # noqa: E731 - accepted by the eager route
+    ref = Unrolled(steps=2, lr=0.05, costate=bk.AdjointSweep())(shaped, outer_loss, params, omega)
+    res = Unrolled(steps=2, lr=0.05, costate=bk.AdjointSweep(), compile=True)(
+        shaped, outer_loss, params, omega)
+    assert relative_error(res.hypergrad, ref.hypergrad) <= 1e-10
 
 
 @compiler
@@ -183,8 +223,14 @@ def test_check_dynamics_catches_a_wrong_vjp():
 @pytest.mark.parametrize("reply, match", [
     (lambda t, x, lam: lam, r"Linear.vjp\(t=3, ...\) must return None or a pair"),
     (lambda t, x, lam: (lam[:2], {}), r"multiplier of shape \(2,\).*expected the state's shape \(4,\)"),
+    (lambda t, x, lam: (lam.float(), {}), r"multiplier of shape \(4,\), dtype torch.float32.*expected "
+                                          r"the state's shape \(4,\), dtype torch.float64"),
     (lambda t, x, lam: (lam, {"C": lam}), r"gradient for 'C', which is not a trainable parameter"),
-    (lambda t, x, lam: (lam, {"A": lam}), r"gradient for 'A' of shape \(4,\).*expected shape \(3, 4, 4\)"),
+    (lambda t, x, lam: (lam, {"A": lam}), r"gradient for 'A' of shape \(4,\).*expected the parameter's "
+                                          r"shape \(3, 4, 4\)"),
+    (lambda t, x, lam: (lam, {"b": torch.zeros(4, 4)}),
+     r"gradient for 'b' of shape \(4, 4\), dtype torch.float32.*expected the parameter's shape "
+     r"\(4, 4\), dtype torch.float64"),
 ])
 def test_malformed_vjp_replies_are_named(reply, match):
     with pytest.raises(ValueError, match=match):
