@@ -183,10 +183,10 @@ def hypergradient(name: str, prob: dict, k: int) -> Tensor:
     args = (prob["inner"], prob["outer"], prob["theta0"], prob["omega"])
     if name == "unrolled":
         return Unrolled(k, lr)(*args).hypergrad
-    compiled = name in COMPILED
-    if name.removesuffix("-c") == "adjoint":
+    compiled, base = name in COMPILED, name.removesuffix("-c")
+    if base == "adjoint":
         return Unrolled(k, lr, costate=bk.AdjointSweep(), compile=compiled)(*args).hypergrad
-    if name.removesuffix("-c") in ("ckpt8", "ckpt-sqrt"):
+    if base in ("ckpt8", "ckpt-sqrt"):
         costate = bk.CheckpointedSweep(checkpoints_of(name, k))
         return Unrolled(k, lr, costate=costate, compile=compiled)(*args).hypergrad
     if name == "firstorder":
@@ -719,9 +719,11 @@ def verdicts(rows: list[dict], ks: list[int], cfg: dict) -> list[dict]:
     def fmt(pairs: list[tuple[int, float]]) -> str:
         return ", ".join(f"k={k}: {x:.2f}" for k, x in pairs)
 
-    def fmt_min(name: str, invert: bool = False) -> str:
-        pairs = ratios(name, invert, "time_ratio_min")
+    def fastest(pairs: list[tuple[int, float]]) -> str:
         return " (ratio of the fastest rounds: " + ", ".join(f"{x:.2f}" for _, x in pairs) + ")"
+
+    def fmt_min(name: str, invert: bool = False) -> str:
+        return fastest(ratios(name, invert, "time_ratio_min"))
 
     def add(issue: int | None, target: str, pairs_or_met: Any, figures: str) -> None:
         out.append({"issue": issue, "target": target, "met": pairs_or_met, "figures": figures})
@@ -733,18 +735,16 @@ def verdicts(rows: list[dict], ks: list[int], cfg: dict) -> list[dict]:
 
     for name, label in (("unrolled", "Unrolled"), ("adjoint-c", "Unrolled(AdjointSweep, compile)")):
         speed = versus("higher", name)
-        fastest = versus("higher", name, "time_ratio_min")
         add(3, f"{label} ≥ 1.5× faster per meta-step than higher",
             all(x >= 1.5 for _, x in speed) if speed else None,
-            f"time(higher)/time({name}) " + fmt(speed) + " (ratio of the fastest rounds: "
-            + ", ".join(f"{x:.2f}" for _, x in fastest) + ")" if speed
+            f"time(higher)/time({name}) " + fmt(speed)
+            + fastest(versus("higher", name, "time_ratio_min")) if speed
             else "higher not importable: skipped")
         for peer in ("torchopt", "torchopt-meta"):
             r = [(k, 1 / x) for k, x in versus(peer, name)]
-            fastest = [(k, 1 / x) for k, x in versus(peer, name, "time_ratio_min")]
             add(3, f"{label} no slower than {peer}", all(x <= 1.0 for _, x in r) if r else None,
-                f"time({name})/time({peer}) " + fmt(r) + " (ratio of the fastest rounds: "
-                + ", ".join(f"{x:.2f}" for _, x in fastest) + ")" if r
+                f"time({name})/time({peer}) " + fmt(r)
+                + fastest([(k, 1 / x) for k, x in versus(peer, name, "time_ratio_min")]) if r
                 else "torchopt not importable: skipped")
     for name in ("implicit", "implicit-neu"):
         mem = [(k, by[k, name]["peak_mib"]) for k in ks if (k, name) in by]

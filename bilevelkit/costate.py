@@ -208,7 +208,7 @@ class _Sweep:
                 grads = torch.autograd.grad(out, inputs, lam, allow_unused=True)
         for n, g in zip(self.params, grads[len(inputs) - len(params):]):
             if g is not None:
-                self.grads[n] = g if n not in self.grads else self.grads[n] + g
+                self._add(n, g)
         if x is None:
             return None
         return torch.zeros_like(x_prev) if grads[0] is None else grads[0]
@@ -231,8 +231,11 @@ class _Sweep:
             if not _like(g, p):
                 raise ValueError(f"{where} returned a gradient for {n!r} of {_what(g)}; expected "
                                  f"the parameter's {_what(p)}")
-            self.grads[n] = g if n not in self.grads else self.grads[n] + g
+            self._add(n, g)
         return None if x_prev is None else lam_prev
+
+    def _add(self, name: str, g: Tensor) -> None:
+        self.grads[name] = g if name not in self.grads else self.grads[name] + g
 
     def result(self) -> CostateResult:
         unused = [n for n in self.params if n not in self.grads]

@@ -312,7 +312,9 @@ class InnerLoop(Dynamics):
             weights = self.normalizer(self.omega)
         where = f"at inner step {t - 1}"
         if self.compile and not graph:  # the sweep's forward; its VJP is InnerLoop.vjp
-            return self._compiled_step(t, x, weights, where)
+            out, loss = self._call(_phase, x, weights, t)
+            _scalar(loss, "inner_loss", where)
+            return out
         with torch.enable_grad():
             theta = x[0] if graph and x.requires_grad else x[0].detach().requires_grad_()
             loss = _scalar(self.inner_loss(self.unflatten(theta), weights), "inner_loss", where)
@@ -334,11 +336,6 @@ class InnerLoop(Dynamics):
         if isinstance(self.lr, Tensor):
             grads["lr"] = g_lr.to(self.lr.dtype)
         return lam_prev, grads
-
-    def _compiled_step(self, t: int, x: Tensor, weights: Tensor, where: str) -> Tensor:
-        out, loss = self._call(_phase, x, weights, t)
-        _scalar(loss, "inner_loss", where)
-        return out
 
     def _call(self, fn: Callable, x: Tensor, weights: Tensor, t: int, *rest: Tensor) -> tuple:
         """``torch.compile(fn)`` on this step; ``fn`` itself (eager ``torch.func``) once
