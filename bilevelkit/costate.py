@@ -189,6 +189,28 @@ class _Sweep:
         self.value, self.output = value.detach(), x_T
         return x_T, torch.zeros_like(x_T) if lam is None else lam
 
+    def last(self, x_prev: Tensor) -> Tensor:
+        """Phase ``T``, the loss and phase ``T``'s VJP: ``terminal`` then ``vjp``, or one call
+        of the dynamics' ``terminal_vjp`` when it fuses them. Returns ``λ_{T-1}``."""
+        with torch.no_grad():
+            fused = self.dynamics.terminal_vjp(x_prev, self.loss, self.ctx)
+        if fused is None:
+            _, lam = self.terminal(x_prev)
+            return self.vjp(self.T, x_prev, lam)
+        where = f"{type(self.dynamics).__name__}.terminal_vjp(...)"
+        if not (isinstance(fused, tuple) and len(fused) == 5 and isinstance(fused[4], dict)):
+            raise ValueError(f"{where} must return None or (x_T, loss, lambda_T, lambda_prev, dict "
+                             f"name -> gradient), got {type(fused).__name__}")
+        x_T, value, lam_T, lam_prev, grads = fused
+        x_T = check_state(x_T, x_prev, self.T)
+        if not _like(lam_T, x_T):
+            raise ValueError(f"{where} returned lambda_T of {_what(lam_T)}; expected the state's "
+                             f"{_what(x_T)}")
+        self.value, self.output = check_loss(value).detach(), x_T
+        if self.keep:
+            self.states[self.T], self.multipliers[self.T] = x_T, lam_T
+        return self._custom(self.T, x_prev, (lam_prev, grads))
+
     def vjp(self, t: int, x_prev: Tensor | None, lam: Tensor) -> Tensor | None:
         """Add ``(∂_θ F_t)* λ_t`` to the gradients and return ``λ_{t-1} = (∂_x F_t)* λ_t``."""
         if self.keep:
@@ -276,12 +298,12 @@ class AdjointSweep(_Solver):
         del x0
         for t in range(1, sweep.T):
             states[t] = sweep.advance(t, states[t - 1])
-        x_T, lam = sweep.terminal(states[-1])
-        for t in range(sweep.T, 0, -1):
+        lam = sweep.last(states[-1])
+        for t in range(sweep.T - 1, 0, -1):
             lam = sweep.vjp(t, states[t - 1], lam)
         sweep.vjp(0, None, lam)
         result = sweep.result()
-        result.states = [*states.unbind(0), x_T]  # stored anyway
+        result.states = [*states.unbind(0), sweep.output]  # stored anyway
         return result
 
 
@@ -360,7 +382,5 @@ class CheckpointedSweep(_Solver):
             x_prev = x_a
             for t in range(a + 1, j):
                 x_prev = sweep.advance(t, x_prev)
-            if lam is None:
-                _, lam = sweep.terminal(x_prev)
-            lam = sweep.vjp(j, x_prev, lam)
+            lam = sweep.last(x_prev) if lam is None else sweep.vjp(j, x_prev, lam)
         return lam

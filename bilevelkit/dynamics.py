@@ -7,7 +7,7 @@ are; the costate solvers in :mod:`bilevelkit.costate` turn it into gradients.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from torch import Tensor, nn
 
@@ -46,6 +46,19 @@ class Dynamics(nn.Module):
         (the default) to let the sweeps differentiate :meth:`step` with autograd. Override it
         for a hand-derived or compiled adjoint; :func:`bilevelkit.testing.check_dynamics`
         compares the sweeps, which use it, against autograd through :meth:`step`.
+        """
+        return None
+
+    def terminal_vjp(self, x: Tensor, loss: Callable[[Tensor], Tensor], ctx: Any
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, dict[str, Tensor]] | None:
+        """Optional: the last phase, the loss and that phase's adjoint in one call.
+
+        Given the stored ``x = x_{T-1}`` and the solver's ``loss``, return ``(x_T, ℓ(x_T), λ_T,
+        λ_{T-1}, grads)`` with ``λ_T = ∇ℓ(x_T)`` and ``λ_{T-1}``, ``grads`` as :meth:`vjp`
+        returns them for ``t = T``; or ``None`` (the default) for :meth:`step`, the loss's
+        gradient and :meth:`vjp` one after the other. The sweeps call it under
+        ``torch.no_grad()``. Override it when fusing them saves work (one evaluation of phase
+        ``T`` instead of two), as ``bk.hypergrad.InnerLoop(compile=True)`` does.
         """
         return None
 

@@ -245,12 +245,14 @@ class Unrolled:
                        lr_grad=float(grads[1]) if self.learn_lr else None)
 
     def _sweep(self, inner_loss, outer_loss, theta, omega, weights, normalizer):
-        _check_reaches_weights(inner_loss, theta, weights)
+        if not self.compile:
+            _check_reaches_weights(inner_loss, theta, weights)
         loop = InnerLoop(inner_loss, theta, omega, self.steps, self.lr, self.inner_optimizer,
-                         normalizer, self.learn_lr, self.compile)
-        where = f"after {self.steps} inner steps"
-        res = self.costate.solve(
-            loop, None, lambda x: _scalar(outer_loss(loop.unflatten(x)), "outer_loss", where))
+                         normalizer, self.learn_lr, self.compile, outer_loss)
+        res = self.costate.solve(loop, None, loop.loss)
+        if self.compile and not res.grads["omega"].any():
+            # the compiled VJP gives zeros where autograd finds no path: is that the reason?
+            _check_reaches_weights(inner_loss, theta, weights)
         return _result(loop.unflatten(res.output), res.grads["omega"], weights, res.loss,
                        lr_grad=float(res.grads["lr"]) if self.learn_lr else None)
 
@@ -274,16 +276,22 @@ class InnerLoop(Dynamics):
     ``torch.compile`` and reused for every step, every call and every ``InnerLoop`` with the
     same shapes, dtypes, optimizer and ``inner_loss`` code; :meth:`step` with gradients
     enabled stays eager autograd (what ``check_dynamics`` compares the sweeps against).
+
+    ``outer_loss`` (optional): :meth:`loss` is then ``outer_loss`` of a state's parameters, the
+    terminal loss to pass to a sweep; with ``compile=True`` the sweep's last step, that loss's
+    gradient and the step's VJP are one compiled function (:meth:`terminal_vjp`), when
+    ``torch.compile`` can trace ``outer_loss`` (else they run one after the other).
     """
 
     def __init__(self, inner_loss: InnerLoss, params: Params, omega: Tensor, steps: int,
                  lr: float, optimizer: InnerOptimizer, normalizer, learn_lr: bool = False,
-                 compile: bool = False):
+                 compile: bool = False, outer_loss: OuterLoss | None = None):
         super().__init__()
         dtypes = {v.dtype for v in params.values()}
         if len(dtypes) != 1:
             raise ValueError(f"InnerLoop needs parameters of one dtype, got {sorted(map(str, dtypes))}")
         self.horizon, self.inner_loss, self.optimizer = steps, inner_loss, optimizer
+        self.outer_loss = outer_loss
         self.normalizer = normalizers.get(normalizer)
         self.layout = _Layout(tuple(params), tuple(v.shape for v in params.values()),
                               tuple(v.numel() for v in params.values()))
@@ -300,6 +308,13 @@ class InnerLoop(Dynamics):
     def unflatten(self, x: Tensor) -> Params:
         """The parameter dict ``θ`` of a state (views, differentiable)."""
         return self.layout.unflatten(x[0] if x.dim() == 2 else x)
+
+    def loss(self, x: Tensor) -> Tensor:
+        """``outer_loss`` at the parameters of state ``x`` (a finite scalar, else an error)."""
+        if self.outer_loss is None:
+            raise ValueError("InnerLoop.loss needs the outer_loss argument")
+        value = self.outer_loss(self.unflatten(x))
+        return _scalar(value, "outer_loss", f"after {self.horizon} inner steps")
 
     def initial(self, ctx: None) -> Tensor:
         zeros = torch.zeros(self.slots - 1, self.theta0.numel(), dtype=self.theta0.dtype,
@@ -331,11 +346,32 @@ class InnerLoop(Dynamics):
         with torch.no_grad():  # the function transforms inside still differentiate
             lam_prev, g_weights, g_lr, loss = self._call(_phase_vjp, x, weights.detach(), t, lam)
         _scalar(loss, "inner_loss", f"at inner step {t - 1}")
+        return lam_prev, self._controls(weights, g_weights, g_lr)
+
+    def terminal_vjp(self, x: Tensor, loss: Callable, ctx: None):
+        """With ``compile=True`` and ``loss`` = :meth:`loss`: the last step, the outer loss and the
+        step's VJP as one compiled function (else ``None``: one after the other)."""
+        if not (self.compile and loss == self.loss) or _key(self.outer_loss) in _UNFUSED:
+            return None
+        with torch.enable_grad():
+            weights = self.normalizer(self.omega)
+        T = self.horizon
+        with torch.no_grad():
+            out = self._call(_terminal_vjp, x, weights.detach(), T, self.outer_loss)
+        if out is None:  # outer_loss cannot be compiled with the step: not fused
+            return None
+        x_T, value, lam_T, lam_prev, g_weights, g_lr, inner_value = out
+        _scalar(inner_value, "inner_loss", f"at inner step {T - 1}")
+        value = _scalar(value, "outer_loss", f"after {T} inner steps")
+        return x_T, value, lam_T, lam_prev, self._controls(weights, g_weights, g_lr)
+
+    def _controls(self, weights: Tensor, g_weights: Tensor, g_lr: Tensor) -> dict[str, Tensor]:
+        """The gradients of the controls from those of the step's (weights, lr) inputs."""
         (g_omega,) = _or_zeros(_grad([weights], [self.omega], [g_weights]), [self.omega])
         grads = {"omega": g_omega}
         if isinstance(self.lr, Tensor):
             grads["lr"] = g_lr.to(self.lr.dtype)
-        return lam_prev, grads
+        return grads
 
     def _call(self, fn: Callable, x: Tensor, weights: Tensor, t: int, *rest: Tensor) -> tuple:
         """``torch.compile(fn)`` on this step; ``fn`` itself (eager ``torch.func``) once
@@ -353,6 +389,9 @@ class InnerLoop(Dynamics):
             _warn_recompile_limit(fn)
             return fn(*args)
         except torch._dynamo.exc.TorchDynamoException as err:
+            if fn is _terminal_vjp:  # outer_loss or the step cannot be traced: run them unfused
+                _UNFUSED.add(_key(rest[0]))
+                return None
             cause: Exception = err
             try:  # the same step without the compiler names the user's own error, if any
                 fn(*args)
@@ -409,8 +448,31 @@ def _phase_vjp(inner_loss: InnerLoss, layout: _Layout, optimizer: InnerOptimizer
     return (*pull(lam), loss)
 
 
+def _terminal_vjp(inner_loss: InnerLoss, layout: _Layout, optimizer: InnerOptimizer, x: Tensor,
+                  weights: Tensor, lr: Tensor, step: Tensor, outer_loss: OuterLoss
+                  ) -> tuple[Tensor, ...]:
+    """The sweep's last phase in one function, for ``torch.compile``: the state ``x_T`` after
+    the step from ``x``, ``ℓ = outer_loss(θ_T)``, ``λ_T = ∂ℓ/∂x_T``, the step's VJP at ``λ_T``
+    (with respect to x, weights and lr) and the inner loss at ``x``; the step is evaluated once."""
+    def phase(x, weights, lr):
+        return _phase(inner_loss, layout, optimizer, x, weights, lr, step)
+
+    new, pull, inner_value = torch.func.vjp(phase, x, weights, lr, has_aux=True)
+    g, value = torch.func.grad_and_value(
+        lambda theta: outer_loss(layout.unflatten(theta)).reshape(()))(new[0])
+    lam = torch.cat([g.unsqueeze(0), torch.zeros_like(new[1:])])
+    return (new, value, lam, *pull(lam), inner_value)
+
+
+def _key(outer_loss: object) -> object:
+    """What identifies an ``outer_loss`` for torch.compile: its code (a new closure of the same
+    code reuses the compiled function)."""
+    return getattr(outer_loss, "__code__", outer_loss)
+
+
 _COMPILED: dict = {}
 _WARNED: set = set()
+_UNFUSED: set = set()  # outer_loss codes torch.compile could not trace with the last step
 
 
 def _compiled(fn: Callable) -> Callable:

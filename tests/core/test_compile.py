@@ -79,7 +79,7 @@ def test_compiled_route_compiles_once_for_new_closures_and_horizons():
     before = _graphs()
     method(fresh(), outer_loss, params, omega)
     graphs = _graphs()
-    assert graphs == before + 2  # the forward step and its VJP
+    assert graphs == before + 3  # the forward step, its VJP, the fused last step
     for k in (2, 5):
         Unrolled(steps=k, lr=0.07, optimizer="momentum", costate=bk.AdjointSweep(),
                  compile=True)(fresh(), outer_loss, params, omega * k)
@@ -142,6 +142,67 @@ def test_compiled_route_names_a_non_finite_inner_loss():
     with pytest.raises(FloatingPointError, match=r"inner_loss is inf at inner step 1"):
         Unrolled(steps=4, lr=0.05, costate=bk.AdjointSweep(), compile=True)(
             blows_up, outer_loss, params, omega)
+
+
+@compiler
+@pytest.mark.parametrize("k", [1, 3])
+def test_compiled_last_step_is_fused_with_the_outer_loss(monkeypatch, k):
+    """Step k, the outer gradient and step k's VJP are one compiled call: step k is never
+    evaluated on its own, and the result is the plain route's."""
+    inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=7)
+    ref = Unrolled(steps=k, lr=0.05, optimizer="momentum")(inner_loss, outer_loss, params, omega)
+    steps, fused = [], []
+    monkeypatch.setattr(InnerLoop, "step", _spy(InnerLoop.step, lambda self, t, *a: steps.append(t)))
+    monkeypatch.setattr(InnerLoop, "terminal_vjp",
+                        _spy(InnerLoop.terminal_vjp, lambda self, *a: fused.append(True)))
+    for costate in (bk.AdjointSweep(), bk.CheckpointedSweep(2)):
+        steps.clear()
+        res = Unrolled(steps=k, lr=0.05, optimizer="momentum", costate=costate, compile=True)(
+            inner_loss, outer_loss, params, omega)
+        assert k not in steps and fused
+        assert relative_error(res.hypergrad, ref.hypergrad) <= 1e-10
+        assert res.outer_loss == pytest.approx(ref.outer_loss, rel=1e-12)
+
+
+def _spy(method, record):
+    def spy(self, *args):
+        record(self, *args)
+        return method(self, *args)
+    return spy
+
+
+@compiler
+def test_an_outer_loss_torch_compile_cannot_trace_runs_unfused_and_exactly():
+    inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=8)
+
+    def untraceable(p):
+        value = outer_loss(p)
+        return value * 2 if value.item() > 1e9 else value  # data-dependent Python control flow
+
+    ref = Unrolled(steps=2, lr=0.05)(inner_loss, untraceable, params, omega)
+    for _ in range(2):  # the second call does not try to compile it again
+        res = Unrolled(steps=2, lr=0.05, costate=bk.AdjointSweep(), compile=True)(
+            inner_loss, untraceable, params, omega)
+        assert relative_error(res.hypergrad, ref.hypergrad) <= 1e-10
+    assert bk.hypergrad._key(untraceable) in bk.hypergrad._UNFUSED
+
+
+@compiler
+def test_compiled_route_names_a_non_finite_outer_loss():
+    inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=9)
+    with pytest.raises(FloatingPointError, match=r"outer_loss is inf after 2 inner steps"):
+        Unrolled(steps=2, lr=0.05, costate=bk.AdjointSweep(), compile=True)(
+            inner_loss, lambda p: outer_loss(p) + torch.inf, params, omega)
+
+
+@compiler
+def test_compiled_route_refuses_omega_that_does_not_reach_inner_loss():
+    """The compiled route checks this only when the hypergradient is exactly zero."""
+    inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=10)
+    fixed = torch.full((GROUPS,), 1 / GROUPS, dtype=DT)
+    with pytest.raises(ValueError, match="omega does not influence inner_loss"):
+        Unrolled(steps=2, lr=0.05, costate=bk.AdjointSweep(), compile=True)(
+            lambda p, w: inner_loss(p, fixed), outer_loss, params, omega)
 
 
 def test_compile_flag_is_a_bool_for_a_costate_sweep():
@@ -235,3 +296,58 @@ def test_check_dynamics_catches_a_wrong_vjp():
 def test_malformed_vjp_replies_are_named(reply, match):
     with pytest.raises(ValueError, match=match):
         bk.AdjointSweep().solve(Linear(reply=reply), None, _loss)
+
+
+# --- Dynamics.terminal_vjp: the last phase fused with the loss ------------------------------
+
+class Fused(Linear):
+    """``Linear`` whose ``terminal_vjp`` evaluates the last phase once (``scale`` breaks λ_T,
+    ``terminal`` rewrites the reply)."""
+
+    def __init__(self, scale=1.0, terminal=None):
+        super().__init__()
+        self.scale, self.terminal, self.calls = scale, terminal, 0
+
+    def terminal_vjp(self, x, loss, ctx):
+        self.calls += 1
+        x_T = self.step(self.horizon, x, ctx)
+        with torch.enable_grad():
+            leaf = x_T.detach().requires_grad_()
+            value = loss(leaf)
+            (lam_T,) = torch.autograd.grad(value, leaf)
+        lam_T = lam_T * self.scale
+        reply = (x_T, value.detach(), lam_T, *self.vjp(self.horizon, x, lam_T, ctx))
+        return reply if self.terminal is None else self.terminal(reply)
+
+
+def test_terminal_vjp_is_used_and_exact():
+    dyn = Fused()
+    ref = bk.AutogradCostate(keep=True).solve(dyn, None, _loss)
+    for solver in (bk.AdjointSweep(keep=True), bk.CheckpointedSweep(2, keep=True)):
+        calls = dyn.calls
+        res = solver.solve(dyn, None, _loss)
+        assert dyn.calls == calls + 1
+        assert res.loss == pytest.approx(float(ref.loss), rel=1e-14)
+        assert relative_error(res.states[-1], ref.states[-1]) <= 1e-14
+        assert relative_error(res.multipliers[-1], ref.multipliers[-1]) <= 1e-14
+        for n in ref.grads:
+            assert relative_error(res.grads[n], ref.grads[n]) <= 1e-13
+    check_dynamics(dyn, None, _loss)
+
+
+def test_check_dynamics_catches_a_wrong_terminal_vjp():
+    with pytest.raises(AssertionError):
+        check_dynamics(Fused(scale=1.001), None, _loss)
+
+
+@pytest.mark.parametrize("terminal, match", [
+    (lambda r: r[:4], r"Fused.terminal_vjp\(...\) must return None or \(x_T, loss"),
+    (lambda r: (r[0][:2], *r[1:]), r"phase 3: step\(t=3, ...\) changed the state"),
+    (lambda r: (r[0], r[1], r[2][:2], *r[3:]), r"lambda_T of shape \(2,\).*expected the state's"),
+    (lambda r: (r[0], r[2], *r[2:]), r"loss\(x_T\) must return a scalar"),
+    (lambda r: (*r[:3], r[3][:2], r[4]), r"multiplier of shape \(2,\)"),
+    (lambda r: (*r[:4], {"C": r[2]}), r"gradient for 'C', which is not a trainable parameter"),
+])
+def test_malformed_terminal_vjp_replies_are_named(terminal, match):
+    with pytest.raises(ValueError, match=match):
+        bk.AdjointSweep().solve(Fused(terminal=terminal), None, _loss)
