@@ -292,6 +292,7 @@ class InnerLoop(Dynamics):
             raise ValueError(f"InnerLoop needs parameters of one dtype, got {sorted(map(str, dtypes))}")
         self.horizon, self.inner_loss, self.optimizer = steps, inner_loss, optimizer
         self.outer_loss = outer_loss
+        self._cache: tuple | None = None  # (ω's version, σ(ω)) for the compiled route
         self.normalizer = normalizers.get(normalizer)
         self.layout = _Layout(tuple(params), tuple(v.shape for v in params.values()),
                               tuple(v.numel() for v in params.values()))
@@ -323,13 +324,13 @@ class InnerLoop(Dynamics):
 
     def step(self, t: int, x: Tensor, ctx: None) -> Tensor:
         graph = torch.is_grad_enabled()  # inside a VJP: keep the step differentiable
-        with torch.set_grad_enabled(graph):
-            weights = self.normalizer(self.omega)
         where = f"at inner step {t - 1}"
         if self.compile and not graph:  # the sweep's forward; its VJP is InnerLoop.vjp
-            out, loss = self._call(_phase, x, weights, t)
+            out, loss = self._call(_phase, x, t)
             _scalar(loss, "inner_loss", where)
             return out
+        with torch.set_grad_enabled(graph):
+            weights = self.normalizer(self.omega)
         with torch.enable_grad():
             theta = x[0] if graph and x.requires_grad else x[0].detach().requires_grad_()
             loss = _scalar(self.inner_loss(self.unflatten(theta), weights), "inner_loss", where)
@@ -341,40 +342,49 @@ class InnerLoop(Dynamics):
         """With ``compile=True``: the phase's VJP as one compiled function (else autograd)."""
         if not self.compile or t == 0:
             return None
-        with torch.enable_grad():
-            weights = self.normalizer(self.omega)
         with torch.no_grad():  # the function transforms inside still differentiate
-            lam_prev, g_weights, g_lr, loss = self._call(_phase_vjp, x, weights.detach(), t, lam)
+            lam_prev, g_weights, g_lr, loss = self._call(_phase_vjp, x, t, lam)
         _scalar(loss, "inner_loss", f"at inner step {t - 1}")
-        return lam_prev, self._controls(weights, g_weights, g_lr)
+        return lam_prev, self._controls(g_weights, g_lr)
 
     def terminal_vjp(self, x: Tensor, loss: Callable, ctx: None):
         """With ``compile=True`` and ``loss`` = :meth:`loss`: the last step, the outer loss and the
         step's VJP as one compiled function (else ``None``: one after the other)."""
         if not (self.compile and loss == self.loss) or _key(self.outer_loss) in _UNFUSED:
             return None
-        with torch.enable_grad():
-            weights = self.normalizer(self.omega)
         T = self.horizon
         with torch.no_grad():
-            out = self._call(_terminal_vjp, x, weights.detach(), T, self.outer_loss)
+            out = self._call(_terminal_vjp, x, T, self.outer_loss)
         if out is None:  # outer_loss cannot be compiled with the step: not fused
             return None
         x_T, value, lam_T, lam_prev, g_weights, g_lr, inner_value = out
         _scalar(inner_value, "inner_loss", f"at inner step {T - 1}")
         value = _scalar(value, "outer_loss", f"after {T} inner steps")
-        return x_T, value, lam_T, lam_prev, self._controls(weights, g_weights, g_lr)
+        return x_T, value, lam_T, lam_prev, self._controls(g_weights, g_lr)
 
-    def _controls(self, weights: Tensor, g_weights: Tensor, g_lr: Tensor) -> dict[str, Tensor]:
+    def _weights(self) -> Tensor:
+        """``σ(ω)`` with its graph, for the compiled route: made once while ω is unchanged (the
+        steps read it, their VJPs pull the weights' gradients back through it)."""
+        key = (self.omega._version, self.omega.data_ptr(), self.omega.dtype)
+        if self._cache is None or self._cache[0] != key:
+            with torch.enable_grad():
+                self._cache = (key, self.normalizer(self.omega))
+        return self._cache[1]
+
+    def __getstate__(self) -> dict:  # copies (check_dynamics deep-copies) make their own σ(ω)
+        return {**super().__getstate__(), "_cache": None}
+
+    def _controls(self, g_weights: Tensor, g_lr: Tensor) -> dict[str, Tensor]:
         """The gradients of the controls from those of the step's (weights, lr) inputs."""
-        (g_omega,) = _or_zeros(_grad([weights], [self.omega], [g_weights]), [self.omega])
+        (g_omega,) = _or_zeros(_grad([self._weights()], [self.omega], [g_weights],
+                                     retain_graph=True), [self.omega])
         grads = {"omega": g_omega}
         if isinstance(self.lr, Tensor):
             grads["lr"] = g_lr.to(self.lr.dtype)
         return grads
 
-    def _call(self, fn: Callable, x: Tensor, weights: Tensor, t: int, *rest: Tensor) -> tuple:
-        """``torch.compile(fn)`` on this step; ``fn`` itself (eager ``torch.func``) once
+    def _call(self, fn: Callable, x: Tensor, t: int, *rest: object) -> tuple:
+        """``torch.compile(fn)`` on step ``t``; ``fn`` itself (eager ``torch.func``) once
         torch.compile's recompilation limit is reached."""
         # step and lr as tensors (no recompilation per step or rate), at least float32 (so
         # that Adam's 1 − β₂ᵗ does not round to 0 for bfloat16 parameters)
@@ -382,7 +392,8 @@ class InnerLoop(Dynamics):
         lr = (self.lr.detach() if isinstance(self.lr, Tensor)
               else torch.tensor(self.lr, dtype=dtype, device=self.theta0.device))
         step = torch.tensor(float(t - 1), dtype=dtype, device=self.theta0.device)
-        args = (self.inner_loss, self.layout, self.optimizer, x, weights, lr, step, *rest)
+        args = (self.inner_loss, self.layout, self.optimizer, x, self._weights().detach(), lr,
+                step, *rest)
         try:
             return _compiled(fn)(*args)
         except torch._dynamo.exc.FailOnRecompileLimitHit:

@@ -63,6 +63,27 @@ def test_compiled_inner_loop_passes_check_dynamics():
     check_dynamics(loop, None, lambda x: outer_loss(loop.unflatten(x)))
 
 
+@compiler
+def test_compiled_inner_loop_follows_changes_of_omega():
+    """The compiled route keeps σ(ω) between steps; an in-place change of ω (an optimizer
+    step) or a new dtype is seen at the next step."""
+    inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=11)
+    loop = InnerLoop(inner_loss, params, omega, 2, 0.05, InnerOptimizer("sgd"), "softmax",
+                     compile=True)
+    eager = InnerLoop(inner_loss, params, omega, 2, 0.05, InnerOptimizer("sgd"), "softmax")
+    x = loop.initial(None)
+    for shift in (0.0, 0.5):
+        with torch.no_grad():
+            loop.omega[0] += shift
+            eager.omega[0] += shift
+            assert relative_error(loop.step(1, x, None), eager.step(1, x, None)) <= 1e-14
+    lam = torch.randn_like(x)
+    with torch.enable_grad():
+        xs = x.clone().requires_grad_()
+        ref = torch.autograd.grad(eager.step(1, xs, None), [eager.omega], lam)
+    assert relative_error(loop.vjp(1, x, lam, None)[1]["omega"], ref[0]) <= 1e-12
+
+
 def _graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
