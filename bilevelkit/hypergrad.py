@@ -350,7 +350,7 @@ class InnerLoop(Dynamics):
     def terminal_vjp(self, x: Tensor, loss: Callable, ctx: None):
         """With ``compile=True`` and ``loss`` = :meth:`loss`: the last step, the outer loss and the
         step's VJP as one compiled function (else ``None``: one after the other)."""
-        if not (self.compile and loss == self.loss) or _key(self.outer_loss) in _UNFUSED:
+        if not (self.compile and loss == self.loss) or self._losses() in _UNFUSED:
             return None
         T = self.horizon
         with torch.no_grad():
@@ -361,6 +361,11 @@ class InnerLoop(Dynamics):
         _scalar(inner_value, "inner_loss", f"at inner step {T - 1}")
         value = _scalar(value, "outer_loss", f"after {T} inner steps")
         return x_T, value, lam_T, lam_prev, self._controls(g_weights, g_lr)
+
+    def _losses(self) -> tuple:
+        """What identifies the losses for torch.compile: their code (new closures of the same
+        code reuse the compiled functions)."""
+        return tuple(getattr(f, "__code__", f) for f in (self.inner_loss, self.outer_loss))
 
     def _weights(self) -> Tensor:
         """``σ(ω)`` with its graph, for the compiled route: made once while ω is unchanged (the
@@ -401,7 +406,7 @@ class InnerLoop(Dynamics):
             return fn(*args)
         except torch._dynamo.exc.TorchDynamoException as err:
             if fn is _terminal_vjp:  # outer_loss or the step cannot be traced: run them unfused
-                _UNFUSED.add(_key(rest[0]))
+                _UNFUSED.add(self._losses())
                 return None
             cause: Exception = err
             try:  # the same step without the compiler names the user's own error, if any
@@ -475,15 +480,9 @@ def _terminal_vjp(inner_loss: InnerLoss, layout: _Layout, optimizer: InnerOptimi
     return (new, value, lam, *pull(lam), inner_value)
 
 
-def _key(outer_loss: object) -> object:
-    """What identifies an ``outer_loss`` for torch.compile: its code (a new closure of the same
-    code reuses the compiled function)."""
-    return getattr(outer_loss, "__code__", outer_loss)
-
-
 _COMPILED: dict = {}
 _WARNED: set = set()
-_UNFUSED: set = set()  # outer_loss codes torch.compile could not trace with the last step
+_UNFUSED: set = set()  # (inner_loss, outer_loss) codes torch.compile could not trace together
 
 
 def _compiled(fn: Callable) -> Callable:
