@@ -189,11 +189,13 @@ class Unrolled:
     extra gradient evaluation per step (more with few checkpoints). ``learn_lr=True`` also
     returns ``d outer / d lr`` in ``HypergradResult.lr_grad``.
 
-    ``compile=True`` (with a ``costate``) compiles the sweep's forward step and the step's VJP
-    with ``torch.compile`` (see :class:`InnerLoop`): on the benchmark problem at k = 200 the
-    sweeps then take 0.96–1.70× the time of the autograd route instead of 1.70–2.82×
+    ``compile=True`` (with a ``costate``) compiles the sweep's forward step, the step's VJP and
+    the last step fused with ``outer_loss``'s gradient with ``torch.compile`` (see
+    :class:`InnerLoop`): on the benchmark problem the sweeps then take 0.86–1.46× the time of
+    the autograd route at k = 200 instead of 1.84–2.84×, and 1.01–1.13× at k = 1
     (docs/benchmarks.md). The first call compiles (seconds); ``inner_loss`` must be traceable
-    by ``torch.func`` and ``torch.compile``, else a ``RuntimeError`` says so.
+    by ``torch.func`` and ``torch.compile``, else a ``RuntimeError`` says so (an ``outer_loss``
+    that cannot be traced only loses the fusion).
     """
 
     steps: int
