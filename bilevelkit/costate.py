@@ -202,14 +202,16 @@ class _Sweep:
             raise ValueError(f"{where} must return None or (x_T, loss, lambda_T, lambda_prev, dict "
                              f"name -> gradient), got {type(fused).__name__}")
         x_T, value, lam_T, lam_prev, grads = fused
-        x_T = check_state(x_T, x_prev, self.T)
-        if not _like(lam_T, x_T):
-            raise ValueError(f"{where} returned lambda_T of {_what(lam_T)}; expected the state's "
-                             f"{_what(x_T)}")
-        self.value, self.output = check_loss(value).detach(), x_T
+        for name, got in (("x_T", x_T), ("lambda_T", lam_T)):
+            if not _like(got, x_prev):
+                raise ValueError(f"{where} returned {name} of {_what(got)}; expected the state's "
+                                 f"{_what(x_prev)}")
+        if not (isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point()):
+            raise ValueError(f"{where} returned a loss of {_what(value)}; expected a real scalar")
+        self.value, self.output = value.detach().reshape(()), x_T
         if self.keep:
             self.states[self.T], self.multipliers[self.T] = x_T, lam_T
-        return self._custom(self.T, x_prev, (lam_prev, grads))
+        return self._custom(self.T, x_prev, (lam_prev, grads), where)
 
     def vjp(self, t: int, x_prev: Tensor | None, lam: Tensor) -> Tensor | None:
         """Add ``(∂_θ F_t)* λ_t`` to the gradients and return ``λ_{t-1} = (∂_x F_t)* λ_t``."""
@@ -235,9 +237,11 @@ class _Sweep:
             return None
         return torch.zeros_like(x_prev) if grads[0] is None else grads[0]
 
-    def _custom(self, t: int, x_prev: Tensor | None, custom: Any) -> Tensor | None:
-        """Check and accumulate what an overridden ``Dynamics.vjp`` returned."""
-        where = f"{type(self.dynamics).__name__}.vjp(t={t}, ...)"
+    def _custom(self, t: int, x_prev: Tensor | None, custom: Any, where: str | None = None
+                ) -> Tensor | None:
+        """Check and accumulate what an overridden ``Dynamics.vjp`` (or ``terminal_vjp``,
+        named by ``where``) returned."""
+        where = where or f"{type(self.dynamics).__name__}.vjp(t={t}, ...)"
         if not (isinstance(custom, tuple) and len(custom) == 2 and isinstance(custom[1], dict)):
             raise ValueError(f"{where} must return None or a pair (lambda_prev, dict name -> "
                              f"gradient), got {type(custom).__name__}")

@@ -17,6 +17,7 @@ The lower-level update is a pure function, reusable outside the strategies:
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -255,6 +256,7 @@ class Unrolled:
         if self.compile and not res.grads["omega"].any():
             # the compiled VJP gives zeros where autograd finds no path: is that the reason?
             _check_reaches_weights(inner_loss, theta, weights)
+            loop.check_outer_reaches(res.output)
         return _result(loop.unflatten(res.output), res.grads["omega"], weights, res.loss,
                        lr_grad=float(res.grads["lr"]) if self.learn_lr else None)
 
@@ -320,6 +322,7 @@ class InnerLoop(Dynamics):
         return _scalar(value, "outer_loss", f"after {self.horizon} inner steps")
 
     def initial(self, ctx: None) -> Tensor:
+        self._cache = None  # every solve starts here: σ(ω) is made afresh once per solve
         zeros = torch.zeros(self.slots - 1, self.theta0.numel(), dtype=self.theta0.dtype,
                             device=self.theta0.device)
         return torch.cat([self.theta0.unsqueeze(0), zeros])
@@ -366,20 +369,45 @@ class InnerLoop(Dynamics):
 
     def _losses(self) -> tuple:
         """What identifies the losses for torch.compile: their code (new closures of the same
-        code reuse the compiled functions)."""
-        return tuple(getattr(f, "__code__", f) for f in (self.inner_loss, self.outer_loss))
+        code reuse the compiled functions); never the objects themselves, which may be
+        unhashable or hold large tensors."""
+        return _code(self.inner_loss), _code(self.outer_loss)
+
+    def check_outer_reaches(self, x_T: Tensor) -> None:
+        """Raise, as the eager sweeps do, if ``outer_loss`` does not depend on the parameters
+        (the compiled route's hypergradient would silently be zero)."""
+        with torch.enable_grad():
+            value = self.loss(x_T.detach().requires_grad_())
+        if not value.requires_grad:
+            raise ValueError("outer_loss does not depend on the inner parameters (its autograd graph "
+                             "does not reach them, or it was computed under torch.no_grad() or "
+                             "detached), so the hypergradient would silently be zero")
 
     def _weights(self) -> Tensor:
         """``σ(ω)`` with its graph, for the compiled route: made once while ω is unchanged (the
         steps read it, their VJPs pull the weights' gradients back through it)."""
-        key = (self.omega._version, self.omega.data_ptr(), self.omega.dtype)
-        if self._cache is None or self._cache[0] != key:
+        omega = self.omega
+        key = (omega._version, omega.data_ptr(), omega.dtype, omega.device, omega.requires_grad)
+        if self._cache is None or self._cache[0] is not omega or self._cache[1] != key:
             with torch.enable_grad():
-                self._cache = (key, self.normalizer(self.omega))
-        return self._cache[1]
+                weights = self.normalizer(omega)
+            if torch.is_inference_mode_enabled():
+                return weights  # an inference tensor has no graph to keep
+            self._cache = (omega, key, weights)
+        return self._cache[2]
 
     def __getstate__(self) -> dict:  # copies (check_dynamics deep-copies) make their own σ(ω)
         return {**super().__getstate__(), "_cache": None}
+
+    def _check_inner_loss(self, x: Tensor, weights: Tensor, t: int) -> None:
+        """``inner_loss`` at ``x`` run eagerly: a ValueError if it is not a finite real
+        one-element tensor (exceptions of the user's code are left to the caller's report)."""
+        with torch.no_grad():
+            try:
+                value = self.inner_loss(self.unflatten(x), weights)
+            except Exception:  # noqa: BLE001 - the caller reports it with the compile failure
+                return
+        _scalar(value, "inner_loss", f"at inner step {t - 1}")
 
     def _controls(self, g_weights: Tensor, g_lr: Tensor) -> dict[str, Tensor]:
         """The gradients of the controls from those of the step's (weights, lr) inputs."""
@@ -404,10 +432,13 @@ class InnerLoop(Dynamics):
         try:
             return _compiled(fn)(*args)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
+            if fn is _terminal_vjp:  # unfused, the step and its VJP may still be compiled
+                return None
             _warn_recompile_limit(fn)
             return fn(*args)
         except torch._dynamo.exc.TorchDynamoException as err:
-            if fn is _terminal_vjp:  # outer_loss or the step cannot be traced: run them unfused
+            self._check_inner_loss(x, args[4], t)  # a malformed loss is named as such
+            if fn is _terminal_vjp:  # outer_loss cannot be traced with the step: run them unfused
                 _UNFUSED.add(self._losses())
                 return None
             cause: Exception = err
@@ -480,6 +511,18 @@ def _terminal_vjp(inner_loss: InnerLoss, layout: _Layout, optimizer: InnerOptimi
         lambda theta: outer_loss(layout.unflatten(theta)).reshape(()))(new[0])
     lam = torch.cat([g.unsqueeze(0), torch.zeros_like(new[1:])])
     return (new, value, lam, *pull(lam), inner_value)
+
+
+def _code(fn: object) -> object:
+    """The code object torch.compile traces for a loss: a function's own, a partial's
+    function's, a module's ``forward``, a callable object's ``__call__`` (else its type)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        method = getattr(type(fn), "forward" if isinstance(fn, torch.nn.Module) else "__call__", None)
+        code = getattr(method, "__code__", type(fn))
+    return code
 
 
 _COMPILED: dict = {}

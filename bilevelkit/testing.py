@@ -59,7 +59,8 @@ def check_dynamics(
     solvers: Sequence[Any] | None = None,
     rtol: float = 1e-8,
 ) -> dict[str, Any]:
-    """Check every costate solver against autograd, Theorem 1 and the KKT conditions.
+    """Check every costate solver against autograd (loss, final state, gradients and
+    multipliers), Theorem 1 and the KKT conditions.
 
     Works on a float64 copy of ``dynamics`` and ``ctx`` (tensors and modules in nested dicts,
     lists, tuples and dataclasses are promoted; the caller's objects are untouched). ``solvers``
@@ -76,6 +77,8 @@ def check_dynamics(
     rows: list[tuple[str, str, float]] = []
 
     def compare(label: str, result: CostateResult) -> None:
+        rows.append((label, "loss ℓ(x_T)", relative_error(result.loss, ref.loss)))
+        rows.append((label, "final state x_T", relative_error(result.output, ref.output)))
         for name, g in ref.grads.items():
             rows.append((label, f"grad {name}", relative_error(result.grads[name], g)))
         if result.multipliers is not None:

@@ -84,6 +84,23 @@ def test_compiled_inner_loop_follows_changes_of_omega():
     assert relative_error(loop.vjp(1, x, lam, None)[1]["omega"], ref[0]) <= 1e-12
 
 
+@compiler
+def test_compiled_inner_loop_makes_sigma_afresh_for_every_solve():
+    """A change of ω that bypasses its version counter (``.data``) between two solves is seen:
+    each solve starts at ``initial``, which drops the kept σ(ω)."""
+    inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=15)
+    make = lambda c: InnerLoop(inner_loss, params, omega, 3, 0.05, InnerOptimizer("sgd"),  # noqa: E731
+                               "softmax", compile=c, outer_loss=outer_loss)
+    loop, eager = make(True), make(False)
+    for shift in (0.0, 0.3):
+        loop.omega.data[0] += shift
+        eager.omega.data[0] += shift
+        got = bk.AdjointSweep().solve(loop, None, loop.loss)
+        ref = bk.AdjointSweep().solve(eager, None, eager.loss)
+        assert relative_error(got.grads["omega"], ref.grads["omega"]) <= 1e-10
+        assert float(got.loss) == pytest.approx(float(ref.loss), rel=1e-12)
+
+
 def _graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
@@ -177,7 +194,7 @@ def test_compiled_last_step_is_fused_with_the_outer_loss(monkeypatch, k):
     monkeypatch.setattr(InnerLoop, "terminal_vjp",
                         _spy(InnerLoop.terminal_vjp, lambda self, *a: fused.append(True)))
     for costate in (bk.AdjointSweep(), bk.CheckpointedSweep(2)):
-        steps.clear()
+        steps.clear(), fused.clear()
         res = Unrolled(steps=k, lr=0.05, optimizer="momentum", costate=costate, compile=True)(
             inner_loss, outer_loss, params, omega)
         assert k not in steps and fused
@@ -193,7 +210,7 @@ def _spy(method, record):
 
 
 @compiler
-def test_an_outer_loss_torch_compile_cannot_trace_runs_unfused_and_exactly():
+def test_an_outer_loss_torch_compile_cannot_trace_runs_unfused_and_exactly(monkeypatch):
     inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=8)
 
     def untraceable(p):
@@ -201,11 +218,57 @@ def test_an_outer_loss_torch_compile_cannot_trace_runs_unfused_and_exactly():
         return value * 2 if value.item() > 1e9 else value  # data-dependent Python control flow
 
     ref = Unrolled(steps=2, lr=0.05)(inner_loss, untraceable, params, omega)
-    for _ in range(2):  # the second call does not try to compile it again
+    compiled = bk.hypergrad._compiled
+    tried = []
+    monkeypatch.setattr(bk.hypergrad, "_compiled",
+                        lambda fn: tried.append(fn.__name__) or compiled(fn))
+    for attempt in range(2):  # the second call does not try to compile it again
+        tried.clear()
         res = Unrolled(steps=2, lr=0.05, costate=bk.AdjointSweep(), compile=True)(
             inner_loss, untraceable, params, omega)
         assert relative_error(res.hypergrad, ref.hypergrad) <= 1e-10
+        assert ("_terminal_vjp" in tried) == (attempt == 0)
     assert (inner_loss.__code__, untraceable.__code__) in bk.hypergrad._UNFUSED
+
+
+@compiler
+def test_compiled_route_takes_a_callable_object_as_outer_loss():
+    """An unhashable callable (a dataclass instance) is identified by its __call__'s code."""
+    import dataclasses
+
+    inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=12)
+
+    @dataclasses.dataclass
+    class Outer:
+        scale: float
+
+        def __call__(self, p):
+            return self.scale * outer_loss(p)
+
+    ref = Unrolled(steps=2, lr=0.05)(inner_loss, Outer(2.0), params, omega)
+    res = Unrolled(steps=2, lr=0.05, costate=bk.AdjointSweep(), compile=True)(
+        inner_loss, Outer(2.0), params, omega)
+    assert relative_error(res.hypergrad, ref.hypergrad) <= 1e-10
+
+
+@compiler
+def test_compiled_route_names_a_malformed_inner_loss():
+    inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=13)
+    for k in (1, 2):
+        with pytest.raises(ValueError, match="inner_loss must return a real one-element tensor"):
+            Unrolled(steps=k, lr=0.05, costate=bk.AdjointSweep(), compile=True)(
+                lambda p, w: w * inner_loss(p, w), outer_loss, params, omega)
+
+
+@compiler
+def test_compiled_route_refuses_an_outer_loss_that_ignores_the_parameters():
+    """As the eager sweep does (the compiled gradient would be zero, not an error)."""
+    inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=14)
+    constant = lambda p: outer_loss({k: v.detach() for k, v in p.items()})  # noqa: E731
+    for compile in (False, True):
+        with pytest.raises(ValueError, match="does not depend on"):
+            Unrolled(steps=2, lr=0.05, costate=bk.AdjointSweep(), compile=compile)(
+                inner_loss, constant, params, omega)
 
 
 @compiler
@@ -356,18 +419,23 @@ def test_terminal_vjp_is_used_and_exact():
     check_dynamics(dyn, None, _loss)
 
 
-def test_check_dynamics_catches_a_wrong_terminal_vjp():
+@pytest.mark.parametrize("dyn", [
+    Fused(scale=1.001),                                         # λ_T
+    Fused(terminal=lambda r: (r[0] * 1.001, *r[1:])),           # x_T
+    Fused(terminal=lambda r: (r[0], r[1] * 1.001, *r[2:])),     # ℓ(x_T)
+], ids=["lambda_T", "x_T", "loss"])
+def test_check_dynamics_catches_a_wrong_terminal_vjp(dyn):
     with pytest.raises(AssertionError):
-        check_dynamics(Fused(scale=1.001), None, _loss)
+        check_dynamics(dyn, None, _loss)
 
 
 @pytest.mark.parametrize("terminal, match", [
     (lambda r: r[:4], r"Fused.terminal_vjp\(...\) must return None or \(x_T, loss"),
-    (lambda r: (r[0][:2], *r[1:]), r"phase 3: step\(t=3, ...\) changed the state"),
-    (lambda r: (r[0], r[1], r[2][:2], *r[3:]), r"lambda_T of shape \(2,\).*expected the state's"),
-    (lambda r: (r[0], r[2], *r[2:]), r"loss\(x_T\) must return a scalar"),
-    (lambda r: (*r[:3], r[3][:2], r[4]), r"multiplier of shape \(2,\)"),
-    (lambda r: (*r[:4], {"C": r[2]}), r"gradient for 'C', which is not a trainable parameter"),
+    (lambda r: (r[0][:2], *r[1:]), r"Fused.terminal_vjp\(...\) returned x_T of shape \(2,\)"),
+    (lambda r: (r[0], r[1], r[2][:2], *r[3:]), r"returned lambda_T of shape \(2,\).*expected the state's"),
+    (lambda r: (r[0], r[2], *r[2:]), r"Fused.terminal_vjp\(...\) returned a loss of shape \(4,\)"),
+    (lambda r: (*r[:3], r[3][:2], r[4]), r"Fused.terminal_vjp\(...\) returned a multiplier of shape \(2,\)"),
+    (lambda r: (*r[:4], {"C": r[2]}), r"Fused.terminal_vjp\(...\) returned a gradient for 'C'"),
 ])
 def test_malformed_terminal_vjp_replies_are_named(terminal, match):
     with pytest.raises(ValueError, match=match):
