@@ -101,6 +101,27 @@ def test_compiled_inner_loop_makes_sigma_afresh_for_every_solve():
         assert float(got.loss) == pytest.approx(float(ref.loss), rel=1e-12)
 
 
+@compiler
+@pytest.mark.parametrize("solver", [bk.AdjointSweep(keep=True), bk.CheckpointedSweep(2, keep=True)],
+                         ids=repr)
+def test_fused_inner_loop_keeps_the_autograd_states_and_multipliers(solver):
+    """keep=True through the compiled, fused InnerLoop: every x_t and λ_t (λ_T from the fused
+    step) and the loss equal autograd through the eager loop."""
+    inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=16)
+    make = lambda c: InnerLoop(inner_loss, params, omega, 3, 0.05, InnerOptimizer("adam"),  # noqa: E731
+                               "softmax", learn_lr=True, compile=c, outer_loss=outer_loss)
+    loop, eager = make(True), make(False)
+    ref = bk.AutogradCostate(keep=True).solve(eager, None, eager.loss)
+    res = solver.solve(loop, None, loop.loss)
+    assert float(res.loss) == pytest.approx(float(ref.loss), rel=1e-12)
+    for a, b in zip(res.states, ref.states, strict=True):
+        assert relative_error(a, b) <= 1e-12
+    for a, b in zip(res.multipliers, ref.multipliers, strict=True):
+        assert relative_error(a, b) <= 1e-10
+    for n in ref.grads:
+        assert relative_error(res.grads[n], ref.grads[n]) <= 1e-10
+
+
 def _graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
