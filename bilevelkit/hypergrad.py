@@ -296,7 +296,7 @@ class InnerLoop(Dynamics):
             raise ValueError(f"InnerLoop needs parameters of one dtype, got {sorted(map(str, dtypes))}")
         self.horizon, self.inner_loss, self.optimizer = steps, inner_loss, optimizer
         self.outer_loss = outer_loss
-        self._cache: tuple | None = None  # (ω's version, σ(ω)) for the compiled route
+        self._cache: tuple | None = None  # (ω, its version key, σ(ω)) for the compiled route
         self.normalizer = normalizers.get(normalizer)
         self.layout = _Layout(tuple(params), tuple(v.shape for v in params.values()),
                               tuple(v.numel() for v in params.values()))
