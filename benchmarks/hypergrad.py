@@ -13,6 +13,7 @@ weights, as when θ carries over between meta-steps) at fixed, non-uniform score
 ``ω ~ 0.5 N(0, I)``. Strategies:
 
     unrolled       bk.hypergrad.Unrolled(k, a)                   autograd through the k steps
+    unrolled-c     Unrolled(k, a, compile=True)                  autograd through k compiled steps
     adjoint        Unrolled(k, a, costate=bk.AdjointSweep())      costate sweep, k stored iterates
     ckpt8          Unrolled(k, a, costate=bk.CheckpointedSweep(8))
     ckpt-sqrt      Unrolled(k, a, costate=bk.CheckpointedSweep(⌈√k⌉ + 1))
@@ -169,7 +170,7 @@ def strategies(available: set[str]) -> list[str]:
     return names + [p for p in PEERS if PEERS[p] in available]
 
 
-COMPILED = ["adjoint-c", "ckpt8-c", "ckpt-sqrt-c"]  # the same sweeps with compile=True
+COMPILED = ["unrolled-c", "adjoint-c", "ckpt8-c", "ckpt-sqrt-c"]  # the same with compile=True
 
 
 def checkpoints_of(name: str, k: int) -> int | None:
@@ -184,6 +185,8 @@ def hypergradient(name: str, prob: dict, k: int) -> Tensor:
     if name == "unrolled":
         return Unrolled(k, lr)(*args).hypergrad
     compiled, base = name in COMPILED, name.removesuffix("-c")
+    if name == "unrolled-c":  # autograd through compiled steps
+        return Unrolled(k, lr, compile=True)(*args).hypergrad
     if base == "adjoint":
         return Unrolled(k, lr, costate=bk.AdjointSweep(), compile=compiled)(*args).hypergrad
     if base in ("ckpt8", "ckpt-sqrt"):
@@ -735,7 +738,8 @@ def verdicts(rows: list[dict], ks: list[int], cfg: dict) -> list[dict]:
         return [(k, by[k, peer][key] / by[k, name][key]) for k in ks
                 if (k, peer) in by and (k, name) in by and by[k, peer][key] and by[k, name][key]]
 
-    for name, label in (("unrolled", "Unrolled"), ("adjoint-c", "Unrolled(AdjointSweep, compile)")):
+    for name, label in (("unrolled", "Unrolled"), ("unrolled-c", "Unrolled(compile)"),
+                        ("adjoint-c", "Unrolled(AdjointSweep, compile)")):
         speed = versus("higher", name)
         add(3, f"{label} ≥ 1.5× faster per meta-step than higher",
             all(x >= 1.5 for _, x in speed) if speed else None,

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import normalizers
+from .costate import CostateResult
 from .dynamics import Dynamics
 
 Params = dict[str, Tensor]
@@ -214,9 +215,6 @@ class Unrolled:
         self.inner_optimizer  # validates the optimizer settings
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be True or False, got {self.compile!r}")
-        if self.compile and self.costate is None:
-            raise ValueError("compile=True compiles the phases of a costate sweep: pass "
-                             "costate=bk.AdjointSweep() or bk.CheckpointedSweep(c) too")
 
     @property
     def inner_optimizer(self) -> InnerOptimizer:
@@ -233,7 +231,7 @@ class Unrolled:
     ) -> HypergradResult:
         theta, omega, weights = _prepare(params, omega, normalizer)
         opt = self.inner_optimizer
-        if self.costate is not None:
+        if self.costate is not None or self.compile:
             return self._sweep(inner_loss, outer_loss, theta, omega, weights, normalizer)
         lr = (torch.tensor(float(self.lr), dtype=omega.dtype, device=omega.device, requires_grad=True)
               if self.learn_lr else self.lr)
@@ -252,7 +250,8 @@ class Unrolled:
             _check_reaches_weights(inner_loss, theta, weights)
         loop = InnerLoop(inner_loss, theta, omega, self.steps, self.lr, self.inner_optimizer,
                          normalizer, self.learn_lr, self.compile, outer_loss)
-        res = self.costate.solve(loop, None, loop.loss)
+        res = (loop.unrolled() if self.costate is None  # compiled steps, autograd through them
+               else self.costate.solve(loop, None, loop.loss))
         if self.compile and not res.grads["omega"].any():
             # the compiled VJP gives zeros where autograd finds no path: is that the reason?
             _check_reaches_weights(inner_loss, theta, weights)
@@ -343,6 +342,19 @@ class InnerLoop(Dynamics):
             with torch.set_grad_enabled(graph):
                 return _next_state(self.optimizer, x, theta, g, self.lr, t - 1)
 
+    def unrolled(self) -> CostateResult:
+        """Reverse mode through all the steps, each one compiled (``compile=True``): the steps'
+        graphs are torch.compile's own forward and backward graphs (AOTAutograd keeps what each
+        backward needs), so the result is autograd's through the k steps, with memory O(k)."""
+        x = self.initial(None)
+        for t in range(1, self.horizon + 1):
+            x, loss = self._call(_graph_phase, x, t, graph=True)
+            _scalar(loss, "inner_loss", f"at inner step {t - 1}")
+        value = self.loss(x)
+        controls = dict(self.named_parameters())
+        grads = _or_zeros(_grad([value], list(controls.values())), list(controls.values()))
+        return CostateResult(loss=value.detach(), grads=dict(zip(controls, grads)), output=x.detach())
+
     def vjp(self, t: int, x: Tensor | None, lam: Tensor, ctx: None):
         """With ``compile=True``: the phase's VJP as one compiled function (else autograd)."""
         if not self.compile or t == 0:
@@ -418,17 +430,18 @@ class InnerLoop(Dynamics):
             grads["lr"] = g_lr.to(self.lr.dtype)
         return grads
 
-    def _call(self, fn: Callable, x: Tensor, t: int, *rest: object) -> tuple:
+    def _call(self, fn: Callable, x: Tensor, t: int, *rest: object, graph: bool = False) -> tuple:
         """``torch.compile(fn)`` on step ``t``; ``fn`` itself (eager ``torch.func``) once
-        torch.compile's recompilation limit is reached."""
+        torch.compile's recompilation limit is reached. ``graph``: with autograd's graph to ω
+        (and a learned lr) through σ(ω), for reverse mode through the call."""
         # step and lr as tensors (no recompilation per step or rate), at least float32 (so
         # that Adam's 1 − β₂ᵗ does not round to 0 for bfloat16 parameters)
         dtype = torch.promote_types(self.theta0.dtype, torch.float32)
-        lr = (self.lr.detach() if isinstance(self.lr, Tensor)
+        lr = ((self.lr if graph else self.lr.detach()) if isinstance(self.lr, Tensor)
               else torch.tensor(self.lr, dtype=dtype, device=self.theta0.device))
         step = torch.tensor(float(t - 1), dtype=dtype, device=self.theta0.device)
-        args = (self.inner_loss, self.layout, self.optimizer, x, self._weights().detach(), lr,
-                step, *rest)
+        weights = self._weights() if graph else self._weights().detach()
+        args = (self.inner_loss, self.layout, self.optimizer, x, weights, lr, step, *rest)
         try:
             return _compiled(fn)(*args)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
@@ -484,6 +497,12 @@ def _phase(inner_loss: InnerLoss, layout: _Layout, optimizer: InnerOptimizer, x:
     g, loss = torch.func.grad_and_value(
         lambda th: inner_loss(layout.unflatten(th), weights).reshape(()))(theta)
     return _next_state(optimizer, x, theta, g, lr, step), loss
+
+
+def _graph_phase(*args: object) -> tuple[Tensor, Tensor]:
+    """:func:`_phase` under autograd (reverse mode through compiled steps); a function of its
+    own, so torch.compile counts its variants apart from the sweep's forward phase."""
+    return _phase(*args)
 
 
 def _phase_vjp(inner_loss: InnerLoss, layout: _Layout, optimizer: InnerOptimizer, x: Tensor,

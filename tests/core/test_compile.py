@@ -19,6 +19,8 @@ GROUPS, WIDTH = 3, 4  # one shape for every compiled test: each new shape compil
 compiler = pytest.mark.skipif(
     not (os.environ.get("CXX") or any(map(shutil.which, ("g++", "c++", "clang++")))),
     reason="torch.compile on CPU needs a C++ compiler")
+# the two compiled routes: autograd through compiled steps, and a compiled costate sweep
+routes = pytest.mark.parametrize("costate", [None, bk.AdjointSweep()], ids=["autograd", "sweep"])
 
 
 @compiler
@@ -26,10 +28,12 @@ compiler = pytest.mark.skipif(
 @given(st.integers(1, 8), st.sampled_from(["sgd", "momentum", "adam"]), st.booleans(),
        st.integers(0, 10**6), st.data())
 def test_compiled_hypergradient_equals_plain_unrolled(k, optimizer, learn_lr, seed, data):
+    """Compiled steps under autograd (no costate) and the compiled sweeps equal autograd
+    through the eager steps."""
     problem = mlp_problem(GROUPS, WIDTH, seed=seed)
     ref = Unrolled(steps=k, lr=0.05, optimizer=optimizer, learn_lr=learn_lr)(*problem)
     c = data.draw(st.integers(1, k + 1), label="checkpoints")
-    for costate in (bk.AdjointSweep(), bk.CheckpointedSweep(c)):
+    for costate in (None, bk.AdjointSweep(), bk.CheckpointedSweep(c)):  # None: autograd route
         res = Unrolled(steps=k, lr=0.05, optimizer=optimizer, costate=costate, learn_lr=learn_lr,
                        compile=True)(*problem)
         assert relative_error(res.hypergrad, ref.hypergrad) <= 1e-10, costate
@@ -146,9 +150,29 @@ def test_compiled_route_compiles_once_for_new_closures_and_horizons():
 
 
 @compiler
-def test_past_the_recompile_limit_the_steps_run_eagerly_and_exactly(monkeypatch):
+def test_compiled_autograd_route_runs_compiled_steps_only(monkeypatch):
+    """No costate: every step is the compiled function (two graphs, the first step from a
+    constant and the others), reused for new closures and horizons; no eager step runs."""
+    torch._dynamo.reset()
+    inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=15)
+    steps = []
+    monkeypatch.setattr(InnerLoop, "step", _spy(InnerLoop.step, lambda self, t, *a: steps.append(t)))
+    before = _graphs()
+    for k in (3, 1, 6):
+        res = Unrolled(steps=k, lr=0.05, optimizer="momentum", compile=True)(
+            lambda p, w: inner_loss(p, w), outer_loss, params, omega)
+        ref = Unrolled(steps=k, lr=0.05, optimizer="momentum")(inner_loss, outer_loss, params, omega)
+        assert relative_error(res.hypergrad, ref.hypergrad) <= 1e-10
+    assert _graphs() == before + 2
+    assert steps == []
+
+
+@compiler
+@routes
+def test_past_the_recompile_limit_the_steps_run_eagerly_and_exactly(monkeypatch, costate):
     """A captured Python number specialises the compiled step; once torch.compile keeps no
-    more variants, the steps run eagerly (one warning) and the result is still exact."""
+    more variants, the steps run eagerly (one warning) and the result is still exact. (The
+    autograd route has two variants per problem already: step 1 starts from a constant.)"""
     torch._dynamo.reset()
     monkeypatch.setattr(bk.hypergrad, "_WARNED", set())
     inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=5)
@@ -159,8 +183,8 @@ def test_past_the_recompile_limit_the_steps_run_eagerly_and_exactly(monkeypatch)
 
             args = (loss, outer_loss, params, omega)
             ref = Unrolled(steps=3, lr=0.05, optimizer="adam")(*args)
-            method = Unrolled(steps=3, lr=0.05, optimizer="adam", costate=bk.AdjointSweep(), compile=True)
-            if i == 1:
+            method = Unrolled(steps=3, lr=0.05, optimizer="adam", costate=costate, compile=True)
+            if i == (0 if costate is None else 1):
                 with pytest.warns(UserWarning, match="new variants run eagerly"):
                     res = method(*args)
             else:
@@ -169,17 +193,19 @@ def test_past_the_recompile_limit_the_steps_run_eagerly_and_exactly(monkeypatch)
 
 
 @compiler
-def test_compiled_step_takes_a_one_element_loss():
+@routes
+def test_compiled_step_takes_a_one_element_loss(costate):
     inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=6)
     shaped = lambda p, w: inner_loss(p, w).reshape(1)  # noqa: E731 - accepted by the eager route
     ref = Unrolled(steps=2, lr=0.05, costate=bk.AdjointSweep())(shaped, outer_loss, params, omega)
-    res = Unrolled(steps=2, lr=0.05, costate=bk.AdjointSweep(), compile=True)(
+    res = Unrolled(steps=2, lr=0.05, costate=costate, compile=True)(
         shaped, outer_loss, params, omega)
     assert relative_error(res.hypergrad, ref.hypergrad) <= 1e-10
 
 
 @compiler
-def test_compile_names_an_inner_loss_it_cannot_trace():
+@routes
+def test_compile_names_an_inner_loss_it_cannot_trace(costate):
     inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=3)
 
     def untraceable(p, w):
@@ -187,19 +213,20 @@ def test_compile_names_an_inner_loss_it_cannot_trace():
         return loss * 2 if loss.item() > 1e9 else loss  # data-dependent Python control flow
 
     with pytest.raises(RuntimeError, match=r"compile=True.*traceable.*compile=False"):
-        Unrolled(steps=2, lr=0.05, costate=bk.AdjointSweep(), compile=True)(
+        Unrolled(steps=2, lr=0.05, costate=costate, compile=True)(
             untraceable, outer_loss, params, omega)
 
 
 @compiler
-def test_compiled_route_names_a_non_finite_inner_loss():
+@routes
+def test_compiled_route_names_a_non_finite_inner_loss(costate):
     inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=4)
 
     def blows_up(p, w):  # finite at θ⁰ (b1 = 0, checked eagerly), inf once b1 has moved
         return inner_loss(p, w) + torch.where(p["b1"].abs().sum() > 0, torch.inf, 0.0)
 
     with pytest.raises(FloatingPointError, match=r"inner_loss is inf at inner step 1"):
-        Unrolled(steps=4, lr=0.05, costate=bk.AdjointSweep(), compile=True)(
+        Unrolled(steps=4, lr=0.05, costate=costate, compile=True)(
             blows_up, outer_loss, params, omega)
 
 
@@ -273,11 +300,12 @@ def test_compiled_route_takes_a_callable_object_as_outer_loss():
 
 
 @compiler
-def test_compiled_route_names_a_malformed_inner_loss():
+@routes
+def test_compiled_route_names_a_malformed_inner_loss(costate):
     inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=13)
     for k in (1, 2):
         with pytest.raises(ValueError, match="inner_loss must return a real one-element tensor"):
-            Unrolled(steps=k, lr=0.05, costate=bk.AdjointSweep(), compile=True)(
+            Unrolled(steps=k, lr=0.05, costate=costate, compile=True)(
                 lambda p, w: w * inner_loss(p, w), outer_loss, params, omega)
 
 
@@ -286,35 +314,36 @@ def test_compiled_route_refuses_an_outer_loss_that_ignores_the_parameters():
     """As the eager sweep does (the compiled gradient would be zero, not an error)."""
     inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=14)
     constant = lambda p: outer_loss({k: v.detach() for k, v in p.items()})  # noqa: E731
-    for compile in (False, True):
+    for costate, compile in ((bk.AdjointSweep(), False), (bk.AdjointSweep(), True), (None, True)):
         with pytest.raises(ValueError, match="does not depend on"):
-            Unrolled(steps=2, lr=0.05, costate=bk.AdjointSweep(), compile=compile)(
+            Unrolled(steps=2, lr=0.05, costate=costate, compile=compile)(
                 inner_loss, constant, params, omega)
 
 
 @compiler
-def test_compiled_route_names_a_non_finite_outer_loss():
+@routes
+def test_compiled_route_names_a_non_finite_outer_loss(costate):
     inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=9)
     with pytest.raises(FloatingPointError, match=r"outer_loss is inf after 2 inner steps"):
-        Unrolled(steps=2, lr=0.05, costate=bk.AdjointSweep(), compile=True)(
+        Unrolled(steps=2, lr=0.05, costate=costate, compile=True)(
             inner_loss, lambda p: outer_loss(p) + torch.inf, params, omega)
 
 
 @compiler
-def test_compiled_route_refuses_omega_that_does_not_reach_inner_loss():
+@routes
+def test_compiled_route_refuses_omega_that_does_not_reach_inner_loss(costate):
     """The compiled route checks this only when the hypergradient is exactly zero."""
     inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=10)
     fixed = torch.full((GROUPS,), 1 / GROUPS, dtype=DT)
     with pytest.raises(ValueError, match="omega does not influence inner_loss"):
-        Unrolled(steps=2, lr=0.05, costate=bk.AdjointSweep(), compile=True)(
+        Unrolled(steps=2, lr=0.05, costate=costate, compile=True)(
             lambda p, w: inner_loss(p, fixed), outer_loss, params, omega)
 
 
-def test_compile_flag_is_a_bool_for_a_costate_sweep():
+@pytest.mark.parametrize("costate", [None, bk.AdjointSweep()])
+def test_compile_flag_is_a_bool(costate):
     with pytest.raises(ValueError, match="compile must be True or False"):
-        Unrolled(steps=2, lr=0.1, costate=bk.AdjointSweep(), compile="yes")
-    with pytest.raises(ValueError, match=r"compile=True compiles the phases of a costate sweep"):
-        Unrolled(steps=2, lr=0.1, compile=True)
+        Unrolled(steps=2, lr=0.1, costate=costate, compile="yes")
 
 
 @compiler
