@@ -191,13 +191,16 @@ class Unrolled:
     extra gradient evaluation per step (more with few checkpoints). ``learn_lr=True`` also
     returns ``d outer / d lr`` in ``HypergradResult.lr_grad``.
 
-    ``compile=True`` (with a ``costate``) compiles the sweep's forward step, the step's VJP and
-    the last step fused with ``outer_loss``'s gradient with ``torch.compile`` (see
-    :class:`InnerLoop`): on the benchmark problem the sweeps then take 0.86–1.46× the time of
-    the autograd route at k = 200 instead of 1.84–2.84×, and 1.01–1.13× at k = 1
-    (docs/benchmarks.md). The first call compiles (seconds); ``inner_loss`` must be traceable
-    by ``torch.func`` and ``torch.compile``, else a ``RuntimeError`` says so (an ``outer_loss``
-    that cannot be traced only loses the fusion).
+    ``compile=True`` compiles the inner step with ``torch.compile`` (the inner gradient by
+    ``torch.func.grad``). Without a ``costate``, reverse mode runs through the k compiled
+    steps: each step's backward is torch.compile's own graph for it, with the residuals its
+    forward kept (the same hypergradient and O(k) memory, without the per-operation dispatch
+    of the autograd route). With a ``costate``, the sweep's forward step, the step's VJP and
+    the last step fused with ``outer_loss``'s gradient are compiled (see :class:`InnerLoop`).
+    Speed on the benchmark problem: docs/benchmarks.md, "Hypergradients". The first call
+    compiles (seconds); ``inner_loss`` must be traceable by ``torch.func`` and
+    ``torch.compile``, else a ``RuntimeError`` says so (an ``outer_loss`` that cannot be traced
+    only loses the fusion).
     """
 
     steps: int

@@ -347,8 +347,9 @@ def test_compile_flag_is_a_bool(costate):
 
 
 @compiler
+@routes
 @pytest.mark.parametrize("normalizer", ["softmax", "sparsemax"])
-def test_trainer_with_compiled_hypergradients_matches_eager(normalizer):
+def test_trainer_with_compiled_hypergradients_matches_eager(normalizer, costate):
     """The trainer's inner loss (zero-weight groups left out before the call) compiles, and the
     run is the eager run's to rounding."""
     from .test_trainers import cleaning_problem, linear, mse
@@ -358,7 +359,7 @@ def test_trainer_with_compiled_hypergradients_matches_eager(normalizer):
     for compile in (False, True):
         trainer = bk.trainers.BilevelTrainer(
             linear(), mse, train, val, batch_size=32, normalizer=normalizer, meta_lr=0.5,
-            hypergrad=Unrolled(steps=3, lr=0.1, costate=bk.AdjointSweep(), compile=compile))
+            hypergrad=Unrolled(steps=3, lr=0.1, costate=costate, compile=compile))
         trainer.fit(4)
         out.append(trainer.omega.clone())
     if normalizer == "sparsemax":
