@@ -198,9 +198,11 @@ class Unrolled:
     of the autograd route). With a ``costate``, the sweep's forward step, the step's VJP and
     the last step fused with ``outer_loss``'s gradient are compiled (see :class:`InnerLoop`).
     Speed on the benchmark problem: docs/benchmarks.md, "Hypergradients". The first call
-    compiles (seconds); ``inner_loss`` must be traceable by ``torch.func`` and
-    ``torch.compile``, else a ``RuntimeError`` says so (an ``outer_loss`` that cannot be traced
-    only loses the fusion).
+    compiles (seconds); the parameters must share one dtype, and ``inner_loss`` must be
+    traceable by ``torch.func`` and ``torch.compile``, else a ``RuntimeError`` says so (past
+    torch.compile's recompilation limit new variants run eagerly instead, with a warning).
+    ``outer_loss`` is not compiled without a costate; with one, an ``outer_loss`` that cannot
+    be traced only loses its fusion with the last step.
     """
 
     steps: int
@@ -282,6 +284,8 @@ class InnerLoop(Dynamics):
     ``torch.compile`` and reused for every step, every call and every ``InnerLoop`` with the
     same shapes, dtypes, optimizer and ``inner_loss`` code; :meth:`step` with gradients
     enabled stays eager autograd (what ``check_dynamics`` compares the sweeps against).
+    :meth:`unrolled` is reverse mode by autograd through the compiled steps, without a sweep
+    (what ``Unrolled(compile=True)`` without a costate runs).
 
     ``outer_loss`` (optional): :meth:`loss` is then ``outer_loss`` of a state's parameters, the
     terminal loss to pass to a sweep; with ``compile=True`` the sweep's last step, that loss's
@@ -351,7 +355,7 @@ class InnerLoop(Dynamics):
         backward needs), so the result is autograd's through the k steps, with memory O(k)."""
         x = self.initial(None)
         for t in range(1, self.horizon + 1):
-            x, loss = self._call(_graph_phase, x, t, graph=True)
+            x, loss = self._call(_graph_phase if t > 1 else _graph_first_phase, x, t, graph=True)
             _scalar(loss, "inner_loss", f"at inner step {t - 1}")
         value = self.loss(x)
         controls = dict(self.named_parameters())
@@ -437,9 +441,10 @@ class InnerLoop(Dynamics):
         """``torch.compile(fn)`` on step ``t``; ``fn`` itself (eager ``torch.func``) once
         torch.compile's recompilation limit is reached. ``graph``: with autograd's graph to ω
         (and a learned lr) through σ(ω), for reverse mode through the call."""
-        # step and lr as tensors (no recompilation per step or rate), at least float32 (so
-        # that Adam's 1 − β₂ᵗ does not round to 0 for bfloat16 parameters)
-        dtype = torch.promote_types(self.theta0.dtype, torch.float32)
+        # step and lr as tensors (no recompilation per step or rate), in float64 where the
+        # device has it: Adam's bias corrections 1 − βᵗ then round as the eager route's Python
+        # floats do, whatever the parameters' dtype (float32 on MPS, which has no float64)
+        dtype = torch.float32 if self.theta0.device.type == "mps" else torch.float64
         lr = ((self.lr if graph else self.lr.detach()) if isinstance(self.lr, Tensor)
               else torch.tensor(self.lr, dtype=dtype, device=self.theta0.device))
         step = torch.tensor(float(t - 1), dtype=dtype, device=self.theta0.device)
@@ -451,7 +456,11 @@ class InnerLoop(Dynamics):
             if fn is _terminal_vjp:  # unfused, the step and its VJP may still be compiled
                 return None
             _warn_recompile_limit(fn)
-            return fn(*args)
+            try:
+                return fn(*args)
+            except Exception:
+                self._check_inner_loss(x, args[4], t)  # a malformed loss is named as such
+                raise
         except torch._dynamo.exc.TorchDynamoException as err:
             self._check_inner_loss(x, args[4], t)  # a malformed loss is named as such
             if fn is _terminal_vjp:  # outer_loss cannot be traced with the step: run them unfused
@@ -505,6 +514,13 @@ def _phase(inner_loss: InnerLoss, layout: _Layout, optimizer: InnerOptimizer, x:
 def _graph_phase(*args: object) -> tuple[Tensor, Tensor]:
     """:func:`_phase` under autograd (reverse mode through compiled steps); a function of its
     own, so torch.compile counts its variants apart from the sweep's forward phase."""
+    return _phase(*args)
+
+
+def _graph_first_phase(*args: object) -> tuple[Tensor, Tensor]:
+    """:func:`_graph_phase` for step 1, whose state is a constant (no gradient to it): its own
+    function, so that each problem is one variant of each (torch.compile's limit is per
+    function)."""
     return _phase(*args)
 
 
