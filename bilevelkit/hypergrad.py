@@ -195,8 +195,9 @@ class Unrolled:
     ``torch.func.grad``). Without a ``costate``, reverse mode runs through the k compiled
     steps: each step keeps only its input state, and its backward, torch.compile's own graph,
     recomputes the rest (the same hypergradient, memory one state per step as with
-    ``AdjointSweep``, and no per-operation dispatch). With a ``costate``, the sweep's forward step, the step's VJP and
-    the last step fused with ``outer_loss``'s gradient are compiled (see :class:`InnerLoop`).
+    ``AdjointSweep``, and no per-operation dispatch). With a ``costate``, the sweep's forward
+    step, the step's VJP and the last step fused with ``outer_loss``'s gradient are compiled
+    (see :class:`InnerLoop`).
     Speed on the benchmark problem: docs/benchmarks.md, "Hypergradients". The first call
     compiles (seconds); the parameters must share one dtype, and ``inner_loss`` must be
     traceable by ``torch.func`` and ``torch.compile``, else a ``RuntimeError`` says so (past
@@ -237,7 +238,7 @@ class Unrolled:
         theta, omega, weights = _prepare(params, omega, normalizer)
         opt = self.inner_optimizer
         if self.costate is not None or self.compile:
-            return self._sweep(inner_loss, outer_loss, theta, omega, weights, normalizer)
+            return self._inner_loop(inner_loss, outer_loss, theta, omega, weights, normalizer)
         lr = (torch.tensor(float(self.lr), dtype=omega.dtype, device=omega.device, requires_grad=True)
               if self.learn_lr else self.lr)
         state = opt.init(theta)
@@ -250,7 +251,9 @@ class Unrolled:
         return _result(theta, grads[0], weights, outer,
                        lr_grad=float(grads[1]) if self.learn_lr else None)
 
-    def _sweep(self, inner_loss, outer_loss, theta, omega, weights, normalizer):
+    def _inner_loop(self, inner_loss, outer_loss, theta, omega, weights, normalizer):
+        """The routes through an :class:`InnerLoop`: a costate sweep, or (``compile=True``
+        without a costate) autograd through its compiled steps."""
         if not self.compile:
             _check_reaches_weights(inner_loss, theta, weights)
         loop = InnerLoop(inner_loss, theta, omega, self.steps, self.lr, self.inner_optimizer,
@@ -452,8 +455,10 @@ class InnerLoop(Dynamics):
         # device has it: Adam's bias corrections 1 − βᵗ then round as the eager route's Python
         # floats do, whatever the parameters' dtype (float32 on MPS, which has no float64)
         dtype = torch.float32 if self.theta0.device.type == "mps" else torch.float64
-        lr = ((self.lr if graph else self.lr.detach()) if isinstance(self.lr, Tensor)
-              else torch.tensor(self.lr, dtype=dtype, device=self.theta0.device))
+        if isinstance(self.lr, Tensor):  # learned: a Parameter
+            lr = self.lr if graph else self.lr.detach()
+        else:
+            lr = torch.tensor(self.lr, dtype=dtype, device=self.theta0.device)
         step = torch.tensor(float(t - 1), dtype=dtype, device=self.theta0.device)
         weights = self._weights() if graph else self._weights().detach()
         args = (self.inner_loss, self.layout, self.optimizer, x, weights, lr, step, *rest)
@@ -466,10 +471,10 @@ class InnerLoop(Dynamics):
             try:
                 return fn(*args)
             except Exception:
-                self._check_inner_loss(x, args[4], t)  # a malformed loss is named as such
+                self._check_inner_loss(x, weights, t)  # a malformed loss is named as such
                 raise
         except torch._dynamo.exc.TorchDynamoException as err:
-            self._check_inner_loss(x, args[4], t)  # a malformed loss is named as such
+            self._check_inner_loss(x, weights, t)  # a malformed loss is named as such
             if fn is _terminal_vjp:  # outer_loss cannot be traced with the step: run them unfused
                 _UNFUSED.add(self._losses())
                 return None
