@@ -14,6 +14,7 @@ hypergradients are averaged across ranks.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -378,11 +379,12 @@ class BilevelTrainer:
             # so the loss has no data-dependent branch (torch.compile) and no device syncs
             support = [i for i, x in enumerate(w.tolist()) if x > 0]
 
-            def inner_loss(params, weights, bound=bound, batches=batches, buffers=buffers,
-                           support=support):
-                terms = [weights[i] * functional_call(bound, {**buffers, **params}, (batches[i],))
-                         for i in support]
-                return torch.stack(terms).sum()
+            def group_loss(params, bound=bound, batch=None, buffers=buffers):
+                return functional_call(bound, {**buffers, **params}, (batch,))
+
+            # term by term, so that a one-step look-ahead takes each group's gradient once
+            inner_loss = hg.WeightedSum({i: functools.partial(group_loss, batch=batches[i])
+                                         for i in support})
 
             def outer_loss(params, bound=bound, val=val, buffers=buffers):
                 return functional_call(bound, {**buffers, **params}, (val,))

@@ -269,6 +269,108 @@ def test_first_order_is_unrolled_with_one_step():
     torch.testing.assert_close(a.hypergrad, b.hypergrad, rtol=1e-12, atol=1e-14)
 
 
+# --- WeightedSum: the inner loss term by term -----------------------------------------------
+
+
+def terms(p: Ridge, groups=None, square=lambda r: r**2):
+    """p's group losses as a WeightedSum (μ = 0: no term outside the weighted sum)."""
+    groups = range(len(p.X)) if groups is None else groups
+    return hg.WeightedSum({i: (lambda q, X=p.X[i], y=p.y[i]: square(X @ p.theta(q) - y).sum() / len(y))
+                           for i in groups})
+
+
+NORMALIZERS = {"softmax": nz.softmax, "sparsemax": nz.sparsemax, "entmax15": nz.entmax15}
+
+
+@given(
+    method=st.sampled_from(["unrolled", "momentum", "first-order", "first-order-3"]),
+    normalizer=st.sampled_from(sorted(NORMALIZERS)),
+    groups=st.integers(1, 5),
+    seed=st.integers(0, 10_000),
+    scale=st.sampled_from([0.3, 1.0, 4.0]),
+)
+@settings(max_examples=60, deadline=None)
+def test_one_step_look_ahead_from_the_terms_equals_autograd(method, normalizer, groups, seed, scale):
+    """The look-ahead from the groups' gradients (no double backward) equals reverse mode
+    through the same step on the summed loss, for the groups a normalizer keeps."""
+    p = Ridge.make(groups, 3, seed=seed, mu=0.0)
+    omega = scale * omega_for(groups, seed)
+    sigma = NORMALIZERS[normalizer]
+    lr = 0.5 / max(1.0, float(torch.linalg.eigvalsh(p.hessian(sigma(omega))).max()))
+    method = {"unrolled": hg.Unrolled(1, lr), "first-order": hg.FirstOrder(0, lr),
+              "momentum": hg.Unrolled(1, lr, optimizer="momentum"),
+              "first-order-3": hg.FirstOrder(3, lr)}[method]
+    kept = [i for i, w in enumerate(sigma(omega).tolist()) if w > 0]
+    ws = terms(p, kept)
+    theta = p.split(torch.randn(p.dim, dtype=F64, generator=torch.Generator().manual_seed(seed)))
+    fast = method(ws, p.outer, theta, omega, normalizer=sigma)
+    slow = method(lambda q, w: ws(q, w), p.outer, theta, omega, normalizer=sigma)
+    torch.testing.assert_close(fast.hypergrad, slow.hypergrad, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(p.theta(fast.params), p.theta(slow.params), rtol=1e-12, atol=1e-14)
+    assert fast.outer_loss == pytest.approx(slow.outer_loss, rel=1e-12)
+
+
+class OnceSquare(torch.autograd.Function):
+    """x² whose backward cannot itself be differentiated."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+@pytest.mark.parametrize("method", [hg.Unrolled(1, 0.1), hg.FirstOrder(2, 0.1)],
+                         ids=lambda m: type(m).__name__)
+def test_look_ahead_from_the_terms_needs_first_derivatives_only(method):
+    """Each group's gradient is a plain backward pass: a loss differentiable only once works,
+    and gives the learning-to-reweight formula, where reverse mode through the step cannot."""
+    p = Ridge.make(4, 3, seed=5, mu=0.0)
+    omega = omega_for(4, 5)
+    ws = terms(p, square=OnceSquare.apply)
+    res = method(ws, p.outer, start(p), omega)
+    s = torch.softmax(omega, 0)
+    theta = torch.zeros(p.dim, dtype=F64)
+    for _ in range(getattr(method, "steps") - (1 if isinstance(method, hg.Unrolled) else 0)):
+        theta = theta - 0.1 * p.grad(theta, s)
+    lookahead = theta - 0.1 * p.grad(theta, s)
+    expected = -0.1 * softmax_jacobian(s).T @ (p.group_grads(theta) @ p.outer_grad(lookahead))
+    torch.testing.assert_close(res.hypergrad, expected, rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match="no autograd path to omega.*once_differentiable"):
+        method(lambda q, w: ws(q, w), p.outer, start(p), omega)  # autograd would give zeros
+
+
+@pytest.mark.parametrize("method", [hg.Unrolled(3, 0.1), hg.Unrolled(1, 0.1, optimizer="adam"),
+                                    hg.Implicit(2, 0.1, iters=5)], ids=str)
+def test_other_strategies_take_the_weighted_sum_as_a_loss(method):
+    p = Ridge.make(3, 3, seed=2, mu=0.0)
+    omega = omega_for(3, 2)
+    a = method(terms(p), p.outer, start(p), omega)
+    b = method(lambda q, w: (w * p.group_losses(p.theta(q))).sum(), p.outer, start(p), omega)
+    torch.testing.assert_close(a.hypergrad, b.hypergrad, rtol=1e-10, atol=1e-13)
+
+
+def test_weighted_sum_errors_name_the_group():
+    p = Ridge.make(3, 3, seed=2, mu=0.0)
+    for bad in ({}, [lambda q: q], {-1: lambda q: q}, {0: "loss"}, {True: lambda q: q}):
+        with pytest.raises(ValueError, match="WeightedSum"):
+            hg.WeightedSum(bad)
+    with pytest.raises(ValueError, match=r"groups \[0, 1, 2, 5\].*shape \(3,\)"):
+        hg.Unrolled(1, 0.1)(hg.WeightedSum({**terms(p).losses, 5: lambda q: q["b"].sum()}),
+                            p.outer, start(p), omega_for(3, 2))
+    broken = hg.WeightedSum({**terms(p).losses, 1: lambda q: q["b"].sum() * float("nan")})
+    for method in (hg.Unrolled(1, 0.1), hg.FirstOrder(0, 0.1)):
+        with pytest.raises(FloatingPointError, match="the term of group 1.*nan at inner step 0"):
+            method(broken, p.outer, start(p), omega_for(3, 2))
+    with pytest.raises(ValueError, match="shape \\(3, 2\\)"):
+        hg.FirstOrder(0, 0.1)(terms(p), p.outer, start(p), torch.zeros(3, 2, dtype=F64))
+
+
 # --- Implicit ------------------------------------------------------------------------------
 
 
@@ -394,6 +496,22 @@ def test_omega_that_does_not_reach_the_inner_loss_is_an_error(method):
         method(lambda q, w: p.inner(q, w.detach()), p.outer, start(p), omega)
     with pytest.raises(ValueError, match="normalizer"):
         method(p.inner, p.outer, start(p), omega, normalizer=lambda w: torch.softmax(w.detach(), 0))
+
+
+@pytest.mark.parametrize("method", METHODS + [hg.Unrolled(1, 0.1), hg.FirstOrder(0, 0.1)],
+                         ids=lambda m: f"{type(m).__name__}{m.steps}")
+def test_a_hypergradient_that_would_be_silently_zero_is_an_error(method):
+    """Weights that reach inner_loss but not its gradient, and an outer_loss that ignores θ,
+    are refused (with the loss as a WeightedSum too), as the sweeps refuse them."""
+    p = Ridge.make(3, 3, seed=8)
+    omega = omega_for(3, 8)
+    uniform = torch.full((3,), 1 / 3, dtype=F64)
+    with pytest.raises(ValueError, match="no autograd path to omega"):
+        method(lambda q, w: p.inner(q, uniform) + w.sum(), p.outer, start(p), omega)
+    ignores = lambda q: p.outer({k: v.detach() for k, v in q.items()})  # noqa: E731
+    for inner in (p.inner, terms(Ridge.make(3, 3, seed=8, mu=0.0))):
+        with pytest.raises(ValueError, match="outer_loss does not depend on the inner parameters"):
+            method(inner, ignores, start(p), omega)
 
 
 @pytest.mark.parametrize("make", [

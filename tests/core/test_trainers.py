@@ -415,3 +415,28 @@ def test_a_shared_module_takes_one_step_not_one_per_task():
     trainer.lower_step()
     step = (trainer.models[0].initial_net.weight.detach() - before).abs().max()
     assert 0.5 * lr < float(step) <= lr * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("normalizer", ["softmax", "sparsemax"])
+@pytest.mark.parametrize("hypergrad", [bk.hypergrad.Unrolled(steps=1, lr=0.1),
+                                       bk.hypergrad.FirstOrder(steps=2, lr=0.1)],
+                         ids=lambda h: type(h).__name__)
+def test_upper_step_look_ahead_from_the_groups_equals_autograd(normalizer, hypergrad):
+    """The trainer hands its inner loss over term by term (a WeightedSum of the groups in the
+    support); the run equals one whose strategy sees a plain function, differentiated twice."""
+    train, val = cleaning_problem(M=2)
+
+    def plain(inner_loss, *args, **kwargs):
+        assert isinstance(inner_loss, bk.hypergrad.WeightedSum)
+        return hypergrad(lambda p, w: inner_loss(p, w), *args, **kwargs)
+
+    out = []
+    for strategy in (hypergrad, plain):
+        trainer = BilevelTrainer(linear(), mse, train, val, normalizer=normalizer, meta_lr=0.5,
+                                 batch_size=16, hypergrad=strategy, seed=2)
+        trainer.fit(6)
+        out.append((trainer.omega.clone(), [v for h in trainer.history for v in h["val_loss"]]))
+    if normalizer == "sparsemax":
+        assert (bk.normalizers.sparsemax(out[0][0]) == 0).any()  # groups left out of the sum
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-10, atol=1e-12)
+    assert out[0][1] == pytest.approx(out[1][1], rel=1e-10)
