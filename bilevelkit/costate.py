@@ -81,12 +81,12 @@ def _trainable(dynamics: Dynamics) -> dict[str, Tensor]:
     return {n: p for n, p in dynamics.named_parameters() if p.requires_grad}
 
 
-def _differentiable(value: Tensor) -> Tensor:
-    """The terminal loss, if it has an autograd graph to differentiate."""
+def _differentiable(value: Tensor, message: str = (
+        "loss(x_T) has no autograd graph: it does not depend on x_T (or was computed under "
+        "torch.no_grad() or detached), so there is no gradient to compute")) -> Tensor:
+    """The terminal loss, if it has an autograd graph to differentiate (else ValueError)."""
     if not value.requires_grad:
-        raise ValueError("loss(x_T) has no autograd graph: it does not depend on x_T (or was "
-                         "computed under torch.no_grad() or detached), so there is no gradient "
-                         "to compute")
+        raise ValueError(message)
     return value
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import normalizers
-from .costate import CostateResult
+from .costate import CostateResult, _differentiable
 from .dynamics import Dynamics
 
 Params = dict[str, Tensor]
@@ -890,13 +890,11 @@ def _check_reaches_weights(inner_loss: InnerLoss, params: Params, weights: Tenso
         raise _unreached()
 
 
-def _check_outer(outer: Tensor) -> Tensor:
-    """``outer`` (the value of ``outer_loss``) has an autograd graph, else ValueError."""
-    if not outer.requires_grad:
-        raise ValueError("outer_loss does not depend on the inner parameters (its autograd graph "
-                         "does not reach them, or it was computed under torch.no_grad() or "
-                         "detached), so the hypergradient would silently be zero")
-    return outer
+# the value of outer_loss, if it has an autograd graph (else ValueError)
+_check_outer = functools.partial(_differentiable, message=(
+    "outer_loss does not depend on the inner parameters (its autograd graph does not reach them, "
+    "or it was computed under torch.no_grad() or detached), so the hypergradient would silently "
+    "be zero"))
 
 
 def _no_path() -> ValueError:
