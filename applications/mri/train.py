@@ -69,7 +69,7 @@ class TrainConfig:
     hypergrad_costate: str = "autograd"
     inner_steps: int = 1
     inner_lr: float = 0.01
-    costate: str = "sweep"
+    costate: str = "autograd"
     checkpoints: int = 3
     phases: int = 4
     width: int = 12
@@ -123,7 +123,9 @@ HELP = {
     "hypergrad_costate": "how unrolled hypergradients are computed: autograd keeps the k-step "
                          "graph, sweep/checkpointed use the inner loop's costate sweep (memory flat in k)",
     "inner_steps": "inner (look-ahead) steps k of the hypergradient", "inner_lr": "inner step size",
-    "costate": "costate solver of the lower level", "checkpoints": "states kept by --costate checkpointed",
+    "costate": "costate solver of the lower level: autograd keeps the phases' graph (fastest at "
+               "the default size), sweep keeps the states only and re-evaluates one phase at a time, "
+               "checkpointed keeps --checkpoints states", "checkpoints": "states kept by --costate checkpointed",
     "phases": "unrolled phases T", "width": "feature channels of the phase CNNs",
     "depth": "convolutions per CNN", "kernel": "convolution kernel size (odd)",
     "initial": "initial network F_0: a residual k-space CNN on the warm start, or none (F_0 is "

@@ -234,3 +234,27 @@ def test_soft_threshold_closed_form_and_the_sign_of_alpha():
         a = net.phases[0].prox(b, p)
         net.phases[0].alpha.fill_(-0.05)  # the threshold is |α|
         torch.testing.assert_close(net.phases[0].prox(b, p), a, rtol=0, atol=0)
+
+
+def test_convolutions_are_channels_last_and_the_layout_changes_no_result():
+    """The layout is a speed choice (oneDNN skips a conversion per call): it survives
+    load_state_dict of a contiguous checkpoint and gives the contiguous network's output."""
+    torch.manual_seed(0)
+    cfg = NetworkConfig(coils=3, phases=2, width=4, kspace_width=4)
+    net = UnrolledRecon(cfg)
+    for m in net.modules():
+        nn_layer = isinstance(m, torch.nn.Conv2d)
+        assert not nn_layer or m.weight.is_contiguous(memory_format=torch.channels_last)
+    for p in net.parameters():  # train a little away from the zero-initialised layers
+        p.data.add_(0.1 * torch.randn_like(p))
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    reloaded = UnrolledRecon(cfg)
+    reloaded.load_state_dict(state)
+    assert reloaded.phases[0].combine[0].weight.is_contiguous(memory_format=torch.channels_last)
+    plain = UnrolledRecon(cfg)
+    for p in plain.parameters():
+        p.data = p.data.contiguous()
+    plain.load_state_dict(state)
+    assert not plain.phases[0].combine[0].weight.is_contiguous(memory_format=torch.channels_last)
+    ctx = {k: v for k, v in batch().items() if k in ("kspace", "mask")}
+    torch.testing.assert_close(reloaded.rollout(ctx)[-1], plain.rollout(ctx)[-1], rtol=1e-5, atol=1e-6)
