@@ -68,8 +68,9 @@ class _Solver:
         for name, g in result.grads.items():
             p = params[name]
             # a copy, as autograd's accumulation makes when it must: g may be an expanded view
-            # (stride 0, which a later in-place add cannot write into) or a kept multiplier
-            p.grad = g.clone(memory_format=torch.contiguous_format) if p.grad is None else p.grad.add_(g)
+            # (stride 0, which a later in-place add cannot write into) or a kept multiplier; in
+            # the parameter's layout (e.g. channels-last), as autograd's gradients are
+            p.grad = torch.empty_like(p).copy_(g) if p.grad is None else p.grad.add_(g)
         return result.loss
 
     def __repr__(self) -> str:

@@ -258,3 +258,28 @@ def test_convolutions_are_channels_last_and_the_layout_changes_no_result():
     assert not plain.phases[0].combine[0].weight.is_contiguous(memory_format=torch.channels_last)
     ctx = {k: v for k, v in batch().items() if k in ("kspace", "mask")}
     torch.testing.assert_close(reloaded.rollout(ctx)[-1], plain.rollout(ctx)[-1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("costate", [bk.AutogradCostate(), bk.AdjointSweep(), bk.CheckpointedSweep(1)],
+                         ids=lambda c: type(c).__name__)
+def test_training_step_keeps_the_weights_layout_without_warnings(costate):
+    """Gradients of the channels-last weights come in the weights' layout from every costate
+    solver, and the initial-state loss adds to them without autograd's layout warning."""
+    import warnings
+
+    from bilevelkit.trainers import BilevelTrainer, TerminalLoss
+
+    torch.manual_seed(0)
+    net = UnrolledRecon(NetworkConfig(coils=3, phases=2, width=4, kspace_width=4))
+    recon = ReconLoss()
+    loss = TerminalLoss(context=lambda b: {k: b[k] for k in ("kspace", "mask")},
+                        terminal=recon.terminal, initial=recon.initial)
+    b = batch()
+    items = [{k: v[i if len(v) == 2 else 0] for k, v in b.items()} for i in range(2)]
+    trainer = BilevelTrainer(net, loss, [items], [items], batch_size=1, costate=costate, mode="joint")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.lower_step()
+    for p in trainer.models[0].parameters():
+        if p.grad is not None and p.dim() == 4:
+            assert p.grad.stride() == p.stride()
