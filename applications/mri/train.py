@@ -123,8 +123,8 @@ HELP = {
     "hypergrad_costate": "how unrolled hypergradients are computed: autograd keeps the k-step "
                          "graph, sweep/checkpointed use the inner loop's costate sweep (memory flat in k)",
     "inner_steps": "inner (look-ahead) steps k of the hypergradient", "inner_lr": "inner step size",
-    "costate": "costate solver of the lower level: autograd keeps the phases' graph (fastest at "
-               "the default size), sweep keeps the states only and re-evaluates one phase at a time, "
+    "costate": "costate solver of the lower level: autograd keeps the phases' graph (fastest on "
+               "64×64 data), sweep keeps the states only and re-evaluates one phase at a time, "
                "checkpointed keeps --checkpoints states", "checkpoints": "states kept by --costate checkpointed",
     "phases": "unrolled phases T", "width": "feature channels of the phase CNNs",
     "depth": "convolutions per CNN", "kernel": "convolution kernel size (odd)",
