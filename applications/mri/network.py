@@ -162,8 +162,8 @@ class UnrolledRecon(bk.Dynamics):
             nn.init.zeros_(self.initial_net[-1].weight)
         self.phases = nn.ModuleList(Phase(cfg, coils) for _ in range(cfg.phases))
         # channels-last weights: oneDNN's CPU convolutions then skip a layout conversion per
-        # call (16% less time per lower-level training step of the default network, measured on
-        # a 2-core CPU; docs/mri.md)
+        # call (15-16% less time per minibatch gradient of the default network on a 2-core CPU;
+        # benchmarks/mri_step.py)
         self.to(memory_format=torch.channels_last)
 
     def _check(self, ctx: dict) -> None:
