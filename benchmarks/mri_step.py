@@ -29,23 +29,22 @@ from torch.func import functional_call
 from torch.utils.data import default_collate
 
 import bilevelkit as bk
+from bilevelkit.trainers import TerminalLoss, _backward, _Bound
 from applications.mri.data import SliceDataset
 from applications.mri.evaluate import ReconTransform
 from applications.mri.losses import ReconLoss
-from applications.mri.network import NetworkConfig, UnrolledRecon
+from applications.mri.network import UnrolledRecon
 from applications.mri.train import TrainConfig, data_root, split
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "mri_step.json"
-KEYS = ("kspace", "mask", "sens")
 
 
 def problem(cfg: TrainConfig, batch: int):
-    """The default network, its loss and one minibatch of ``batch`` slices per seen group."""
+    """The default network, the training's loss and one minibatch of ``batch`` slices per seen
+    group."""
     dataset = SliceDataset(data_root(cfg, 0))
     plan = split(dataset, cfg)
-    net_cfg = NetworkConfig(coils=cfg.coils, phases=cfg.phases, width=cfg.width, depth=cfg.depth,
-                            kernel=cfg.kernel, kspace_width=cfg.width, initial=cfg.initial,
-                            warm_start=cfg.warm_start, cg_iters=cfg.cg_iters, operator=cfg.operator)
+    net_cfg = cfg.network(dataset[0]["kspace"].shape[0])
     transform = ReconTransform(seed=cfg.seed, sense=net_cfg.needs_maps)
     batches = [default_collate([transform(dataset[i]) for i in plan["parts"][t]["train"][:batch]])
                for t in plan["seen"]]
@@ -54,40 +53,30 @@ def problem(cfg: TrainConfig, batch: int):
     model = UnrolledRecon(net_cfg)
     for p in model.parameters():  # away from the zero-initialised last layers, as after training
         p.data.add_(0.01 * torch.randn_like(p))
-    return model, ReconLoss(), batches, val
+    recon = ReconLoss()  # the training CLI's loss: terminal and initial-state terms
+    loss = TerminalLoss(context=lambda b: {k: b[k] for k in ("kspace", "mask", "sens") if k in b},
+                        terminal=recon.terminal, initial=recon.initial)
+    return model, loss, batches, val
 
 
-def lower(model, recon, batch, costate) -> None:
-    ctx = {k: batch[k] for k in KEYS if k in batch}
+def lower(model, loss, batch, costate) -> None:
+    """One minibatch gradient as the trainer's lower step takes it."""
     model.zero_grad(set_to_none=True)
-    costate.backward(model, ctx, lambda x: recon.terminal(x, batch))
-    (recon.initial(model.initial(ctx), batch)).backward()
+    _backward(model, loss, batch, 1.0, costate)
 
 
-class Bound(torch.nn.Module):
-    """``forward(batch)`` = the training loss of ``model`` (for ``functional_call``)."""
-
-    def __init__(self, model: UnrolledRecon, recon: ReconLoss):
-        super().__init__()
-        self.model, self.recon = model, recon
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        x = self.model.rollout({k: batch[k] for k in KEYS if k in batch})
-        return self.recon.terminal(x[-1], batch) + self.recon.initial(x[0], batch)
-
-
-def upper(model, recon, batches, val, weighted: bool, lr: float) -> torch.Tensor:
+def upper(model, loss, batches, val, weighted: bool, lr: float) -> torch.Tensor:
     """One task's hypergradient as the trainer computes it (σ = softmax, Ω = 0)."""
-    bound = Bound(model, recon)
+    bound = _Bound(model, loss)
 
-    def loss(params, batch):
+    def value(params, batch):
         return functional_call(bound, params, (batch,))
 
-    terms = bk.hypergrad.WeightedSum({i: (lambda q, b=b: loss(q, b)) for i, b in enumerate(batches)})
+    terms = bk.hypergrad.WeightedSum({i: (lambda q, b=b: value(q, b)) for i, b in enumerate(batches)})
     inner = terms if weighted else (lambda q, w: terms(q, w))
     params = {n: p.detach() for n, p in bound.named_parameters()}
     omega = torch.zeros(len(batches))
-    return bk.hypergrad.Unrolled(steps=1, lr=lr)(inner, lambda q: loss(q, val), params, omega).hypergrad
+    return bk.hypergrad.Unrolled(steps=1, lr=lr)(inner, lambda q: value(q, val), params, omega).hypergrad
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -98,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     cfg = TrainConfig()
-    model, recon, batches, val = problem(cfg, cfg.batch_size)
+    model, loss, batches, val = problem(cfg, cfg.batch_size)
     plain = UnrolledRecon(model.cfg)
     for q in plain.parameters():
         q.data = q.data.contiguous()
@@ -113,12 +102,12 @@ def main(argv: list[str] | None = None) -> dict:
         for name, (net, solver) in lower_routes.items():
             t = time.perf_counter()
             for b in batches[:3]:
-                lower(net, recon, b, solver)
+                lower(net, loss, b, solver)
             if r:
                 times[name].append((time.perf_counter() - t) / 3)
         for name, weighted in (("upper, WeightedSum", True), ("upper, plain function", False)):
             t = time.perf_counter()
-            hyper[name] = upper(model, recon, batches, val, weighted, cfg.inner_lr)
+            hyper[name] = upper(model, loss, batches, val, weighted, cfg.inner_lr)
             if r:
                 times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -309,10 +309,7 @@ class Unrolled:
                                       create_graph=True, check_weights=s == 0)
         outer = _check_outer(_scalar(outer_loss(theta), "outer_loss", f"after {self.steps} inner steps"))
         inputs = [omega, lr] if self.learn_lr else [omega]
-        grads = _grad([outer], inputs)
-        if grads[0] is None:
-            raise _no_path()
-        grads = _or_zeros(grads, inputs)
+        grads = _to_omega([outer], inputs)
         return _result(theta, grads[0], weights, outer,
                        lr_grad=float(grads[1]) if self.learn_lr else None)
 
@@ -714,9 +711,7 @@ class FirstOrder:
         theta, _ = inner_step(inner_loss, _leaves(theta), state, weights, self.lr,
                               create_graph=True, check_weights=True)
         outer = _check_outer(_scalar(outer_loss(theta), "outer_loss", "after the look-ahead step"))
-        (hypergrad,) = _grad([outer], [omega])
-        if hypergrad is None:
-            raise _no_path()
+        (hypergrad,) = _to_omega([outer], [omega])
         return _result(theta, hypergrad, weights, outer)
 
 
@@ -782,9 +777,7 @@ class Implicit:
             v, residual = _cg(hvp, b, self.iters, self.tol)
         else:
             v, residual = _neumann(hvp, b, self.iters, self.lr)
-        (mixed,) = _grad(grads, [omega], v)
-        if mixed is None:
-            raise _no_path()
+        (mixed,) = _to_omega(grads, [omega], v)
         return _result(theta, -mixed, weights, outer, residual)
 
 
@@ -897,14 +890,20 @@ _check_outer = functools.partial(_differentiable, message=(
     "be zero"))
 
 
-def _no_path() -> ValueError:
-    return ValueError(
-        "the hypergradient has no autograd path to omega: the inner gradient ∇_θ inner_loss does not "
-        "depend differentiably on the weights (they enter only terms without params, or an operation "
-        "in inner_loss can be differentiated only once, e.g. one marked @once_differentiable, or "
-        "params are detached inside it). A WeightedSum inner loss with FirstOrder, or Unrolled(steps=1) "
-        "with SGD or momentum, needs first derivatives only; the hypergradient would silently be zero."
-    )
+def _to_omega(outputs: Sequence[Tensor], inputs: Sequence[Tensor],
+              cotangents: Sequence[Tensor] | None = None) -> list[Tensor]:
+    """:func:`_grad` for ``inputs = [omega, *others]`` (zeros for an unreached other); a
+    ValueError if no autograd path reaches ω, where the hypergradient would silently be 0."""
+    grads = _grad(outputs, inputs, cotangents)
+    if grads[0] is None:
+        raise ValueError(
+            "the hypergradient has no autograd path to omega: the inner gradient ∇_θ inner_loss "
+            "does not depend differentiably on the weights (they enter only terms without params, "
+            "or an operation in inner_loss can be differentiated only once, e.g. one marked "
+            "@once_differentiable, or params are detached inside it). A WeightedSum inner loss with "
+            "FirstOrder, or Unrolled(steps=1) with SGD or momentum, needs first derivatives only; "
+            "the hypergradient would silently be zero.")
+    return _or_zeros(grads, inputs)
 
 
 def _unreached() -> ValueError:

@@ -91,6 +91,13 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 1
 
+    def network(self, coils: int) -> NetworkConfig:
+        """The :class:`NetworkConfig` these options ask for, for data with ``coils`` coils."""
+        return NetworkConfig(coils=coils, phases=self.phases, width=self.width, depth=self.depth,
+                             kernel=self.kernel, kspace_width=self.width, initial=self.initial,
+                             warm_start=self.warm_start, cg_iters=self.cg_iters,
+                             operator=self.operator)
+
 
 QUICK = dict(size=[64, 64], coils=4, slices=2, volumes=3, mask_variants=2, phases=2, width=6, epochs=3,
              lower_steps=1, groups_per_step=0, tasks=["brain_t1_random4", "knee_pd_equispaced4",
@@ -470,10 +477,7 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
         write_toml(out / "config.toml", cfg)
     setup_logging(out, rank)
     coils = dataset[0]["kspace"].shape[0]
-    net_cfg = NetworkConfig(coils=coils, phases=cfg.phases, width=cfg.width, depth=cfg.depth,
-                            kernel=cfg.kernel, kspace_width=cfg.width, initial=cfg.initial,
-                            warm_start=cfg.warm_start, cg_iters=cfg.cg_iters,
-                            operator=cfg.operator)
+    net_cfg = cfg.network(coils)
     maps: dict = {}  # ESPIRiT maps, shared by the mask draws (see ReconTransform)
     transform = ReconTransform(seed=cfg.seed, sense=net_cfg.needs_maps, maps_cache=maps)
     variants = [ReconTransform(seed=cfg.seed + 1000 * (v + 1), sense=net_cfg.needs_maps,
