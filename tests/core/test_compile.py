@@ -155,8 +155,9 @@ def test_compiled_route_compiles_once_for_new_closures_and_horizons():
 
 @compiler
 def test_compiled_autograd_route_runs_compiled_steps_only(monkeypatch):
-    """No costate: every step is the compiled function (two graphs, the first step from a
-    constant and the others), reused for new closures and horizons; no eager step runs."""
+    """No costate: every step is a compiled function (three graphs: the first step from a
+    constant, one step, and a run of ``_CHUNK`` steps), reused for new closures and horizons;
+    no eager step runs."""
     torch._dynamo.reset()
     inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=15)
     steps = []
@@ -167,7 +168,7 @@ def test_compiled_autograd_route_runs_compiled_steps_only(monkeypatch):
             lambda p, w: inner_loss(p, w), outer_loss, params, omega)
         ref = Unrolled(steps=k, lr=0.05, optimizer="momentum")(inner_loss, outer_loss, params, omega)
         assert relative_error(res.hypergrad, ref.hypergrad) <= 1e-10
-    assert _graphs() == before + 2
+    assert _graphs() == before + 3
     assert steps == []
 
 
@@ -199,6 +200,28 @@ def test_compiled_autograd_route_keeps_one_state_per_step():
                          compile=True, outer_loss=outer_loss)
         kept[k] = _saved_bytes(loop._graph_rollout())
     assert (kept[6] - kept[2]) / 4 <= state + 16
+    # a run of steps in one compiled call keeps only the run's input state
+    chunked = InnerLoop(inner_loss, params, omega, 7, 0.05, InnerOptimizer("sgd"), "softmax",
+                        compile=True, outer_loss=outer_loss, chunk=3)
+    assert _saved_bytes(chunked._graph_rollout()) - kept[2] <= 2 * (state + 16)  # steps 2-4, 5-7
+
+
+@compiler
+@pytest.mark.parametrize("chunk", [2, 3])
+def test_compiled_runs_of_steps_equal_plain_unrolled(chunk):
+    """Runs of ``chunk`` steps per compiled call, the last ones shorter (single steps), give
+    autograd's hypergradient through the eager steps."""
+    inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=21)
+    for k in (2, 5, 6):
+        ref = Unrolled(steps=k, lr=0.05, optimizer="adam", learn_lr=True)(
+            inner_loss, outer_loss, params, omega)
+        theta, om, _ = bk.hypergrad._prepare(params, omega, "softmax")
+        loop = InnerLoop(inner_loss, theta, om, k, 0.05, InnerOptimizer("adam"), "softmax",
+                         learn_lr=True, compile=True, outer_loss=outer_loss, chunk=chunk)
+        res = loop.unrolled()
+        assert relative_error(res.grads["omega"], ref.hypergrad) <= 1e-10
+        assert float(res.grads["lr"]) == pytest.approx(ref.lr_grad, rel=1e-10)
+        assert res.loss == pytest.approx(ref.outer_loss, rel=1e-12)
 
 
 @compiler
@@ -261,6 +284,9 @@ def test_compiled_route_names_a_non_finite_inner_loss(costate):
     with pytest.raises(FloatingPointError, match=r"inner_loss is inf at inner step 1"):
         Unrolled(steps=4, lr=0.05, costate=costate, compile=True)(
             blows_up, outer_loss, params, omega)
+    if costate is None:  # step 1 inside a run of steps compiled as one call
+        with pytest.raises(FloatingPointError, match=r"inner_loss is inf at inner step 1\b"):
+            Unrolled(steps=6, lr=0.05, compile=True)(blows_up, outer_loss, params, omega)
 
 
 @compiler
