@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import normalizers
-from .costate import CostateResult, _differentiable
+from .costate import AdjointSweep, CostateResult, _differentiable
 from .dynamics import Dynamics
 
 Params = dict[str, Tensor]
@@ -255,8 +255,9 @@ class Unrolled:
     steps: after the first step, runs of four steps are one compiled call (the rest one step
     per call); each call keeps only its input state, and its backward, torch.compile's own
     graph, recomputes the rest (the same hypergradient, memory at most one state per step as
-    with ``AdjointSweep``, no per-operation dispatch, a quarter of the calls). With a
-    ``costate``, the sweep's forward step, the step's VJP and the last step fused with ``outer_loss``'s gradient are compiled
+    with ``AdjointSweep``, no per-operation dispatch, a quarter of the calls). With k = 1 the
+    step, ``outer_loss``'s gradient and the step's VJP are one compiled call, as in a sweep's
+    last phase. With a ``costate``, the sweep's forward step, the step's VJP and the last step fused with ``outer_loss``'s gradient are compiled
     (see :class:`InnerLoop`).
     Speed on the benchmark problem: docs/benchmarks.md, "Hypergradients". The first call
     compiles (seconds); the parameters must share one dtype, and ``inner_loss`` must be
@@ -321,8 +322,14 @@ class Unrolled:
             _check_reaches_weights(inner_loss, theta, weights)
         loop = InnerLoop(inner_loss, theta, omega, self.steps, self.lr, self.inner_optimizer,
                          normalizer, self.learn_lr, self.compile, outer_loss, _CHUNK)
-        res = (loop.unrolled() if self.costate is None  # compiled steps, autograd through them
-               else self.costate.solve(loop, None, loop.loss))
+        costate = self.costate
+        if costate is None and self.steps == 1:
+            # one step keeps no graph: the step, outer_loss's gradient and the step's VJP are
+            # one compiled call (the sweep's fused last phase) instead of two calls and an
+            # eager outer loss
+            costate = AdjointSweep()
+        res = (loop.unrolled() if costate is None  # compiled steps, autograd through them
+               else costate.solve(loop, None, loop.loss))
         if self.compile and not res.grads["omega"].any():
             # the compiled VJP gives zeros where autograd finds no path: is that the reason?
             _check_reaches_weights(inner_loss, theta, weights)

@@ -155,9 +155,9 @@ def test_compiled_route_compiles_once_for_new_closures_and_horizons():
 
 @compiler
 def test_compiled_autograd_route_runs_compiled_steps_only(monkeypatch):
-    """No costate: every step is a compiled function (three graphs: the first step from a
-    constant, one step, and a run of ``_CHUNK`` steps), reused for new closures and horizons;
-    no eager step runs."""
+    """No costate: every step is a compiled function (four graphs: the first step from a
+    constant, one step, a run of ``_CHUNK`` steps, and for k = 1 the step fused with the outer
+    loss and its VJP), reused for new closures and horizons; no eager step runs."""
     torch._dynamo.reset()
     inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=15)
     steps = []
@@ -168,7 +168,7 @@ def test_compiled_autograd_route_runs_compiled_steps_only(monkeypatch):
             lambda p, w: inner_loss(p, w), outer_loss, params, omega)
         ref = Unrolled(steps=k, lr=0.05, optimizer="momentum")(inner_loss, outer_loss, params, omega)
         assert relative_error(res.hypergrad, ref.hypergrad) <= 1e-10
-    assert _graphs() == before + 3
+    assert _graphs() == before + 4
     assert steps == []
 
 
