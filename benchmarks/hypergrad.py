@@ -426,17 +426,19 @@ def time_worker(k: int, cfg: dict, ref: dict, names: list[str]) -> dict:
 def memory_worker(k: int, name: str, cfg: dict, theta0: dict) -> dict:
     """Fresh process: warm-up on a tiny problem, then the peak-memory growth of one meta-step.
 
-    The compiled sweeps warm up on the problem itself with k = 2 instead (which compiles all
-    three functions: the forward step, its VJP and the last step fused with the outer loss):
-    they are specialised to the problem's shapes, and compiling is a one-off cost, not the
-    meta-step's.
+    The compiled strategies warm up on the problem itself with the same k instead (which
+    compiles every function the measured meta-step calls: for the sweeps the forward step, its
+    VJP and the last step fused with the outer loss; for ``unrolled-c`` the first step, one
+    step and a run of steps, or at k = 1 the fused step): they are specialised to the
+    problem's shapes and to the run length, and compiling is a one-off cost, not the meta-step's.
     """
     torch.set_num_threads(1)
     dtype = getattr(torch, cfg["dtype"])
-    tiny = make_problem(cfg, dtype, theta0, n=None if name in COMPILED else 2)
+    compiled = name in COMPILED
+    tiny = make_problem(cfg, dtype, theta0, n=None if compiled else 2)
     for _ in range(2):  # imports (torch.func, the peers), allocator set-up
         try:
-            hypergradient(name, tiny, 2)
+            hypergradient(name, tiny, k if compiled else 2)
         except (ValueError, FloatingPointError):
             pass  # Implicit's CG may meet negative curvature; the warm-up is done all the same
     del tiny
