@@ -257,8 +257,8 @@ class Unrolled:
     graph, recomputes the rest (the same hypergradient, memory at most one state per step as
     with ``AdjointSweep``, no per-operation dispatch, a quarter of the calls). With k = 1 the
     step, ``outer_loss``'s gradient and the step's VJP are one compiled call, as in a sweep's
-    last phase. With a ``costate``, the sweep's forward step, the step's VJP and the last step fused with ``outer_loss``'s gradient are compiled
-    (see :class:`InnerLoop`).
+    last phase. With a ``costate``, the sweep's forward step, the step's VJP and the last step
+    fused with ``outer_loss``'s gradient are compiled (see :class:`InnerLoop`).
     Speed on the benchmark problem: docs/benchmarks.md, "Hypergradients". The first call
     compiles (seconds); the parameters must share one dtype, and ``inner_loss`` must be
     traceable by ``torch.func`` and ``torch.compile``, else a ``RuntimeError`` says so (past
@@ -358,7 +358,7 @@ class InnerLoop(Dynamics):
     same shapes, dtypes, optimizer and ``inner_loss`` code; :meth:`step` with gradients
     enabled stays eager autograd (what ``check_dynamics`` compares the sweeps against).
     :meth:`unrolled` is reverse mode by autograd through the compiled steps, without a sweep
-    (what ``Unrolled(compile=True)`` without a costate runs).
+    (what ``Unrolled(compile=True)`` without a costate runs for k ≥ 2).
 
     ``chunk``: :meth:`unrolled` runs that many steps per compiled call after the first step
     (1: one step per call).
@@ -426,10 +426,11 @@ class InnerLoop(Dynamics):
                 return _next_state(self.optimizer, x, theta, g, self.lr, t - 1)
 
     def unrolled(self) -> CostateResult:
-        """Reverse mode through all the steps, each one compiled (``compile=True``): the steps'
-        graphs are torch.compile's own forward and backward graphs, so the result is autograd's
-        through the k steps. Each step keeps only its input state, and its compiled backward
-        recomputes the rest: memory grows by one state per step, as for ``AdjointSweep``."""
+        """Reverse mode through all the steps, compiled (``compile=True``): the steps' graphs
+        are torch.compile's own forward and backward graphs, so the result is autograd's through
+        the k steps. Each compiled call (one step, or a run of ``chunk`` steps) keeps only its
+        input state, and its compiled backward recomputes the rest: memory grows by at most one
+        state per step, as for ``AdjointSweep``."""
         x = self._graph_rollout()
         value = self.loss(x)
         controls = dict(self.named_parameters())
