@@ -670,7 +670,7 @@ def _code(fn: object) -> object:
 _COMPILED: dict = {}
 # steps per compiled call of Unrolled(compile=True) without a costate, after step 1: on the
 # benchmark problem 4 is as fast as 8 for k = 20 and 200 (15-25% faster than 1 per call), with
-# half the compilation, and covers k = 5 in two calls
+# a graph half as long to compile, and covers k = 5 in two calls
 _CHUNK = 4
 _WARNED: set = set()
 _UNFUSED: set = set()  # (inner_loss, outer_loss) codes torch.compile could not trace together
