@@ -322,14 +322,8 @@ class Unrolled:
             _check_reaches_weights(inner_loss, theta, weights)
         loop = InnerLoop(inner_loss, theta, omega, self.steps, self.lr, self.inner_optimizer,
                          normalizer, self.learn_lr, self.compile, outer_loss, _CHUNK)
-        costate = self.costate
-        if costate is None and self.steps == 1:
-            # one step keeps no graph: the step, outer_loss's gradient and the step's VJP are
-            # one compiled call (the sweep's fused last phase) instead of two calls and an
-            # eager outer loss
-            costate = AdjointSweep()
-        res = (loop.unrolled() if costate is None  # compiled steps, autograd through them
-               else costate.solve(loop, None, loop.loss))
+        res = (loop.unrolled() if self.costate is None  # compiled steps, autograd through them
+               else self.costate.solve(loop, None, loop.loss))
         if self.compile and not res.grads["omega"].any():
             # the compiled VJP gives zeros where autograd finds no path: is that the reason?
             _check_reaches_weights(inner_loss, theta, weights)
@@ -358,7 +352,7 @@ class InnerLoop(Dynamics):
     same shapes, dtypes, optimizer and ``inner_loss`` code; :meth:`step` with gradients
     enabled stays eager autograd (what ``check_dynamics`` compares the sweeps against).
     :meth:`unrolled` is reverse mode by autograd through the compiled steps, without a sweep
-    (what ``Unrolled(compile=True)`` without a costate runs for k ≥ 2).
+    (what ``Unrolled(compile=True)`` without a costate runs).
 
     ``chunk``: :meth:`unrolled` runs that many steps per compiled call after the first step
     (1: one step per call).
@@ -430,7 +424,11 @@ class InnerLoop(Dynamics):
         are torch.compile's own forward and backward graphs, so the result is autograd's through
         the k steps. Each compiled call (one step, or a run of ``chunk`` steps) keeps only its
         input state, and its compiled backward recomputes the rest: memory grows by at most one
-        state per step, as for ``AdjointSweep``."""
+        state per step, as for ``AdjointSweep``. One step keeps no graph: the step, the loss's
+        gradient and the step's VJP are then one compiled call (``AdjointSweep``'s fused last
+        phase) instead of two calls and an eager loss."""
+        if self.horizon == 1:
+            return AdjointSweep().solve(self, None, self.loss)
         x = self._graph_rollout()
         value = self.loss(x)
         controls = dict(self.named_parameters())
