@@ -255,16 +255,17 @@ class Unrolled:
     steps: after the first step, runs of four steps are one compiled call (the rest one step
     per call); each call keeps only its input state, and its backward, torch.compile's own
     graph, recomputes the rest (the same hypergradient, memory at most one state per step as
-    with ``AdjointSweep``, no per-operation dispatch, a quarter of the calls). With k = 1 the
-    step, ``outer_loss``'s gradient and the step's VJP are one compiled call, as in a sweep's
-    last phase. With a ``costate``, the sweep's forward step, the step's VJP and the last step
-    fused with ``outer_loss``'s gradient are compiled (see :class:`InnerLoop`).
+    with ``AdjointSweep``, no per-operation dispatch, a quarter of the calls). The last four
+    steps (the last step when k ≤ 4), ``outer_loss``'s gradient and their VJP are one compiled
+    call outside autograd, as in a sweep's last phase; its cotangents go back through the
+    earlier calls by autograd. With a ``costate``, the sweep's forward step, the step's VJP and
+    the last step fused with ``outer_loss``'s gradient are compiled (see :class:`InnerLoop`).
     Speed on the benchmark problem: docs/benchmarks.md, "Hypergradients". The first call
     compiles (seconds); the parameters must share one dtype, and ``inner_loss`` must be
     traceable by ``torch.func`` and ``torch.compile``, else a ``RuntimeError`` says so (past
     torch.compile's recompilation limit new variants run eagerly instead, with a warning).
-    ``outer_loss`` is not compiled without a costate; with one, an ``outer_loss`` that cannot
-    be traced only loses its fusion with the last step.
+    An ``outer_loss`` that torch.compile cannot trace only loses its fusion with the last
+    steps (it then runs eagerly).
     """
 
     steps: int
@@ -355,7 +356,7 @@ class InnerLoop(Dynamics):
     (what ``Unrolled(compile=True)`` without a costate runs).
 
     ``chunk``: :meth:`unrolled` runs that many steps per compiled call after the first step
-    (1: one step per call).
+    (1: one step per call), and fuses the last ``chunk`` steps with ``outer_loss``.
 
     ``outer_loss`` (optional): :meth:`loss` is then ``outer_loss`` of a state's parameters, the
     terminal loss to pass to a sweep; with ``compile=True`` the sweep's last step, that loss's
@@ -422,37 +423,69 @@ class InnerLoop(Dynamics):
     def unrolled(self) -> CostateResult:
         """Reverse mode through all the steps, compiled (``compile=True``): the steps' graphs
         are torch.compile's own forward and backward graphs, so the result is autograd's through
-        the k steps. Each compiled call (one step, or a run of ``chunk`` steps) keeps only its
-        input state, and its compiled backward recomputes the rest: memory grows by at most one
-        state per step, as for ``AdjointSweep``. One step keeps no graph: the step, the loss's
-        gradient and the step's VJP are then one compiled call (``AdjointSweep``'s fused last
-        phase) instead of two calls and an eager loss."""
+        the k steps. Each compiled call under autograd (one step, or a run of ``chunk`` steps)
+        keeps only its input state, and its compiled backward recomputes the rest: memory grows
+        by at most one state per step, as for ``AdjointSweep``. The last call (the last run of
+        ``chunk`` steps, or the last step when k ≤ ``chunk``) is fused with ``outer_loss``: its
+        steps, the loss's gradient and the VJP through those steps are one compiled function
+        outside autograd (nothing recomputed, no eager loss), whose cotangents then go back
+        through the earlier calls by autograd. With one step that is ``AdjointSweep``'s fused
+        last phase. An ``outer_loss`` torch.compile cannot trace with the steps runs eagerly
+        after the last call instead."""
         if self.horizon == 1:
             return AdjointSweep().solve(self, None, self.loss)
-        x = self._graph_rollout()
-        value = self.loss(x)
+        last = self.chunk if self.horizon > self.chunk > 1 else 1  # steps of the fused call
+        x = self._graph_rollout(self.horizon - last)
         controls = dict(self.named_parameters())
-        grads = _or_zeros(_grad([value], list(controls.values())), list(controls.values()))
+        fused = self._fused_last(x, last)
+        if fused is None:  # outer_loss cannot be compiled with the steps: autograd to the end
+            x = self._graph_rollout(self.horizon, x, self.horizon - last + 1)
+            value = self.loss(x)
+            outputs, cotangents = [value], None
+        else:
+            x_last, value, lam, g_weights, g_lr = fused
+            outputs, cotangents = [x, self._weights()], [lam, g_weights]
+            if isinstance(self.lr, Tensor):  # learned: the call's lr input is the Parameter
+                outputs.append(self.lr), cotangents.append(g_lr.to(self.lr.dtype))
+            x = x_last
+        grads = _or_zeros(_grad(outputs, list(controls.values()), cotangents), list(controls.values()))
         return CostateResult(loss=value.detach(), grads=dict(zip(controls, grads)), output=x.detach())
 
-    def _graph_rollout(self) -> Tensor:
-        """``x_k`` with autograd's graph through the k compiled steps. Step 1 (from the
-        constant ``x_0``) is a call of its own; after it, runs of ``chunk`` steps are one compiled
-        call each (the rest one step per call). Each call keeps only its input state for its
-        backward, which recomputes the rest (:func:`_run_compiled`)."""
-        x, t = self.initial(None), 1
-        while t <= self.horizon:
-            n = self.chunk if t > 1 and self.horizon - t + 1 >= self.chunk > 1 else 1
+    def _graph_rollout(self, until: int | None = None, x: Tensor | None = None, t: int = 1) -> Tensor:
+        """The state after step ``until`` (default: the last), from state ``x`` before step
+        ``t`` (default: ``x_0``), with autograd's graph through the compiled steps. Step 1 (from
+        the constant ``x_0``) is a call of its own; after it, runs of ``chunk`` steps are one
+        compiled call each (the rest one step per call). Each call keeps only its input state
+        for its backward, which recomputes the rest (:func:`_run_compiled`)."""
+        until = self.horizon if until is None else until
+        x = self.initial(None) if x is None else x
+        while t <= until:
+            n = self.chunk if t > 1 and until - t + 1 >= self.chunk > 1 else 1
             if n == 1:
                 x, loss = self._call(_graph_phase if t > 1 else _graph_first_phase, x, t, graph=True)
-                losses = loss.reshape(1)
+                _check_inner_losses(loss.reshape(1), t)
             else:
                 x, losses = self._call(_graph_steps, x, t, n, graph=True)
-            for i, value in enumerate(losses.tolist()):  # the first non-finite one names its step
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"inner_loss is {value} at inner step {t - 1 + i}")
+                _check_inner_losses(losses, t)
             t += n
         return x
+
+    def _fused_last(self, x: Tensor, n: int) -> tuple | None:
+        """The last ``n`` steps from ``x`` fused with ``outer_loss`` (one compiled call outside
+        autograd): ``(x_T, ℓ, λ, ∂ℓ/∂weights, ∂ℓ/∂lr)`` with ``λ = ∂ℓ/∂x``; ``None`` when
+        torch.compile cannot trace ``outer_loss`` with the steps."""
+        if self._losses() in _UNFUSED:
+            return None
+        T = self.horizon
+        with torch.no_grad():  # the function transforms inside still differentiate
+            x = x.detach()  # as a sweep's states: one variant, whatever x's requires_grad
+            out = (self._call(_terminal_vjp, x, T, self.outer_loss) if n == 1 else
+                   self._call(_terminal_run_vjp, x, T - n + 1, self.outer_loss, n))
+        if out is None:
+            return None
+        x_T, value, _, lam, g_weights, g_lr, losses = out
+        _check_inner_losses(losses.reshape(-1), T - n + 1)
+        return x_T, _scalar(value, "outer_loss", f"after {T} inner steps"), lam, g_weights, g_lr
 
     def vjp(self, t: int, x: Tensor | None, lam: Tensor, ctx: None):
         """With ``compile=True``: the phase's VJP as one compiled function (else autograd)."""
@@ -474,7 +507,7 @@ class InnerLoop(Dynamics):
         if out is None:  # outer_loss cannot be compiled with the step: not fused
             return None
         x_T, value, lam_T, lam_prev, g_weights, g_lr, inner_value = out
-        _scalar(inner_value, "inner_loss", f"at inner step {T - 1}")
+        _check_inner_losses(inner_value, T)
         value = _scalar(value, "outer_loss", f"after {T} inner steps")
         return x_T, value, lam_T, lam_prev, self._controls(g_weights, g_lr)
 
@@ -543,7 +576,7 @@ class InnerLoop(Dynamics):
         try:
             return _run_compiled(fn, args, recompute=graph)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
-            if fn is _terminal_vjp:  # unfused, the step and its VJP may still be compiled
+            if fn in (_terminal_vjp, _terminal_run_vjp):  # unfused, the steps may still be compiled
                 return None
             _warn_recompile_limit(fn)
             try:
@@ -553,7 +586,8 @@ class InnerLoop(Dynamics):
                 raise
         except torch._dynamo.exc.TorchDynamoException as err:
             self._check_inner_loss(x, weights, t)  # a malformed loss is named as such
-            if fn is _terminal_vjp:  # outer_loss cannot be traced with the step: run them unfused
+            if fn in (_terminal_vjp, _terminal_run_vjp):  # outer_loss cannot be traced with the
+                # steps: run them unfused
                 _UNFUSED.add(self._losses())
                 return None
             cause: Exception = err
@@ -607,16 +641,21 @@ def _graph_phase(*args: object) -> tuple[Tensor, Tensor]:
     return _phase(*args)
 
 
-def _graph_steps(inner_loss: InnerLoss, layout: _Layout, optimizer: InnerOptimizer, x: Tensor,
-                 weights: Tensor, lr: Tensor, step: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """``n`` consecutive :func:`_phase` steps from ``x`` as one function (reverse mode through
-    compiled steps, fewer and larger compiled calls): the state after them and their ``n``
+def _steps(inner_loss: InnerLoss, layout: _Layout, optimizer: InnerOptimizer, x: Tensor,
+           weights: Tensor, lr: Tensor, step: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """``n`` consecutive :func:`_phase` steps from ``x``: the state after them and their ``n``
     inner losses."""
     losses = []
     for i in range(n):
         x, loss = _phase(inner_loss, layout, optimizer, x, weights, lr, step + i)
         losses.append(loss)
     return x, torch.stack(losses)
+
+
+def _graph_steps(*args: object) -> tuple[Tensor, Tensor]:
+    """:func:`_steps` under autograd (reverse mode through compiled steps, fewer and larger
+    compiled calls)."""
+    return _steps(*args)
 
 
 def _graph_first_phase(*args: object) -> tuple[Tensor, Tensor]:
@@ -637,20 +676,39 @@ def _phase_vjp(inner_loss: InnerLoss, layout: _Layout, optimizer: InnerOptimizer
     return (*pull(lam), loss)
 
 
-def _terminal_vjp(inner_loss: InnerLoss, layout: _Layout, optimizer: InnerOptimizer, x: Tensor,
-                  weights: Tensor, lr: Tensor, step: Tensor, outer_loss: OuterLoss
-                  ) -> tuple[Tensor, ...]:
-    """The sweep's last phase in one function, for ``torch.compile``: the state ``x_T`` after
-    the step from ``x``, ``ℓ = outer_loss(θ_T)``, ``λ_T = ∂ℓ/∂x_T``, the step's VJP at ``λ_T``
-    (with respect to x, weights and lr) and the inner loss at ``x``; the step is evaluated once."""
-    def phase(x, weights, lr):
-        return _phase(inner_loss, layout, optimizer, x, weights, lr, step)
+def _last_steps_vjp(inner_loss: InnerLoss, layout: _Layout, optimizer: InnerOptimizer, x: Tensor,
+                    weights: Tensor, lr: Tensor, step: Tensor, outer_loss: OuterLoss, n: int = 1
+                    ) -> tuple[Tensor, ...]:
+    """The last ``n`` steps fused with the outer loss, for ``torch.compile``: the state ``x_T``
+    after ``n`` steps from ``x``, ``ℓ = outer_loss(θ_T)``, ``λ_T = ∂ℓ/∂x_T``, the VJP of the
+    ``n`` steps at ``λ_T`` (with respect to x, weights and lr) and their inner losses; every
+    step is evaluated once (its activations kept for the VJP inside the graph)."""
+    def run(x, weights, lr):
+        return _steps(inner_loss, layout, optimizer, x, weights, lr, step, n)
 
-    new, pull, inner_value = torch.func.vjp(phase, x, weights, lr, has_aux=True)
+    new, pull, losses = torch.func.vjp(run, x, weights, lr, has_aux=True)
     g, value = torch.func.grad_and_value(
         lambda theta: outer_loss(layout.unflatten(theta)).reshape(()))(new[0])
     lam = torch.cat([g.unsqueeze(0), torch.zeros_like(new[1:])])
-    return (new, value, lam, *pull(lam), inner_value)
+    return (new, value, lam, *pull(lam), losses)
+
+
+def _terminal_vjp(*args: object) -> tuple[Tensor, ...]:
+    """:func:`_last_steps_vjp` for one step: a costate sweep's last phase in one function."""
+    return _last_steps_vjp(*args)
+
+
+def _terminal_run_vjp(*args: object) -> tuple[Tensor, ...]:
+    """:func:`_last_steps_vjp` for a run of steps (``Unrolled(compile=True)``'s last call): its
+    own function, so that torch.compile counts its variants apart from the sweeps' last phase."""
+    return _last_steps_vjp(*args)
+
+
+def _check_inner_losses(losses: Tensor, t: int) -> None:
+    """The inner losses of steps ``t, t + 1, ...``: the first non-finite one names its step."""
+    for i, value in enumerate(losses.tolist()):
+        if not math.isfinite(value):
+            raise FloatingPointError(f"inner_loss is {value} at inner step {t - 1 + i}")
 
 
 def _code(fn: object) -> object:

@@ -155,20 +155,21 @@ def test_compiled_route_compiles_once_for_new_closures_and_horizons():
 
 @compiler
 def test_compiled_autograd_route_runs_compiled_steps_only(monkeypatch):
-    """No costate: every step is a compiled function (four graphs: the first step from a
-    constant, one step, a run of ``_CHUNK`` steps, and for k = 1 the step fused with the outer
-    loss and its VJP), reused for new closures and horizons; no eager step runs."""
+    """No costate: every step is a compiled function (five graphs: the first step from a
+    constant, one step, a run of ``_CHUNK`` steps, and the last step or the last run of
+    ``_CHUNK`` steps fused with the outer loss and its VJP), reused for new closures and
+    horizons; no eager step runs."""
     torch._dynamo.reset()
     inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=15)
     steps = []
     monkeypatch.setattr(InnerLoop, "step", _spy(InnerLoop.step, lambda self, t, *a: steps.append(t)))
     before = _graphs()
-    for k in (3, 1, 6):
+    for k in (3, 1, 10, 6):
         res = Unrolled(steps=k, lr=0.05, optimizer="momentum", compile=True)(
             lambda p, w: inner_loss(p, w), outer_loss, params, omega)
         ref = Unrolled(steps=k, lr=0.05, optimizer="momentum")(inner_loss, outer_loss, params, omega)
         assert relative_error(res.hypergrad, ref.hypergrad) <= 1e-10
-    assert _graphs() == before + 4
+    assert _graphs() == before + 5
     assert steps == []
 
 
@@ -284,9 +285,10 @@ def test_compiled_route_names_a_non_finite_inner_loss(costate):
     with pytest.raises(FloatingPointError, match=r"inner_loss is inf at inner step 1"):
         Unrolled(steps=4, lr=0.05, costate=costate, compile=True)(
             blows_up, outer_loss, params, omega)
-    if costate is None:  # step 1 inside a run of steps compiled as one call
-        with pytest.raises(FloatingPointError, match=r"inner_loss is inf at inner step 1\b"):
-            Unrolled(steps=6, lr=0.05, compile=True)(blows_up, outer_loss, params, omega)
+    if costate is None:  # step 1 inside a run of steps compiled as one call: under autograd
+        for k in (10, 5):  # (steps 1-4 of 10), and fused with the outer loss (steps 1-4 of 5)
+            with pytest.raises(FloatingPointError, match=r"inner_loss is inf at inner step 1\b"):
+                Unrolled(steps=k, lr=0.05, compile=True)(blows_up, outer_loss, params, omega)
 
 
 @compiler
@@ -309,6 +311,35 @@ def test_compiled_last_step_is_fused_with_the_outer_loss(monkeypatch, k):
         assert res.outer_loss == pytest.approx(ref.outer_loss, rel=1e-12)
 
 
+@compiler
+@pytest.mark.parametrize("k", [5, 7, 10])
+def test_compiled_last_run_of_steps_is_fused_with_the_outer_loss(monkeypatch, k):
+    """No costate: the last run of ``_CHUNK`` steps, the outer gradient and the run's VJP are
+    one compiled call outside autograd (its steps never run in a call under autograd, and
+    ``outer_loss`` never runs eagerly); the earlier steps run under autograd, and the result
+    (with Adam and a learned rate) is the plain route's."""
+    inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=22)
+    ref = Unrolled(steps=k, lr=0.05, optimizer="adam", learn_lr=True)(
+        inner_loss, outer_loss, params, omega)
+    calls, outer = [], []
+    call = InnerLoop._call
+
+    def spy(self, fn, x, t, *rest, **kwargs):
+        calls.append((fn.__name__, t))
+        return call(self, fn, x, t, *rest, **kwargs)
+
+    monkeypatch.setattr(InnerLoop, "_call", spy)
+    res = Unrolled(steps=k, lr=0.05, optimizer="adam", learn_lr=True, compile=True)(
+        inner_loss, lambda p: outer.append(1) or outer_loss(p), params, omega)
+    last = k - bk.hypergrad._CHUNK + 1  # the fused run's first step
+    assert calls[-1] == ("_terminal_run_vjp", last)
+    assert all(t < last for _, t in calls[:-1]) and calls[0] == ("_graph_first_phase", 1)
+    assert outer == [1]  # traced once by torch.compile or its eager fallback, never run eagerly
+    assert relative_error(res.hypergrad, ref.hypergrad) <= 1e-10
+    assert res.lr_grad == pytest.approx(ref.lr_grad, rel=1e-10)
+    assert res.outer_loss == pytest.approx(ref.outer_loss, rel=1e-12)
+
+
 def _spy(method, record):
     def spy(self, *args):
         record(self, *args)
@@ -317,24 +348,32 @@ def _spy(method, record):
 
 
 @compiler
-def test_an_outer_loss_torch_compile_cannot_trace_runs_unfused_and_exactly(monkeypatch):
+@pytest.mark.parametrize("costate, k, fused", [
+    (bk.AdjointSweep(), 2, "_terminal_vjp"), (None, 2, "_terminal_vjp"),
+    (None, 6, "_terminal_run_vjp")], ids=["sweep", "autograd-step", "autograd-run"])
+def test_an_outer_loss_torch_compile_cannot_trace_runs_unfused_and_exactly(
+        monkeypatch, costate, k, fused):
+    """The last step (or run of steps) and an outer loss torch.compile cannot trace are tried
+    together once; then the steps run compiled, the outer loss eagerly, with the same result."""
+    monkeypatch.setattr(bk.hypergrad, "_UNFUSED", set())
     inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=8)
 
     def untraceable(p):
         value = outer_loss(p)
         return value * 2 if value.item() > 1e9 else value  # data-dependent Python control flow
 
-    ref = Unrolled(steps=2, lr=0.05)(inner_loss, untraceable, params, omega)
+    ref = Unrolled(steps=k, lr=0.05)(inner_loss, untraceable, params, omega)
     compiled = bk.hypergrad._compiled
     tried = []
     monkeypatch.setattr(bk.hypergrad, "_compiled",
                         lambda fn: tried.append(fn.__name__) or compiled(fn))
     for attempt in range(2):  # the second call does not try to compile it again
         tried.clear()
-        res = Unrolled(steps=2, lr=0.05, costate=bk.AdjointSweep(), compile=True)(
+        res = Unrolled(steps=k, lr=0.05, costate=costate, compile=True)(
             inner_loss, untraceable, params, omega)
         assert relative_error(res.hypergrad, ref.hypergrad) <= 1e-10
-        assert ("_terminal_vjp" in tried) == (attempt == 0)
+        assert res.outer_loss == pytest.approx(ref.outer_loss, rel=1e-12)
+        assert (fused in tried) == (attempt == 0)
     assert (inner_loss.__code__, untraceable.__code__) in bk.hypergrad._UNFUSED
 
 
