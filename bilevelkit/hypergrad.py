@@ -429,11 +429,9 @@ class InnerLoop(Dynamics):
         ``chunk`` steps, or the last step when k ≤ ``chunk``) is fused with ``outer_loss``: its
         steps, the loss's gradient and the VJP through those steps are one compiled function
         outside autograd (nothing recomputed, no eager loss), whose cotangents then go back
-        through the earlier calls by autograd. With one step that is ``AdjointSweep``'s fused
-        last phase. An ``outer_loss`` torch.compile cannot trace with the steps runs eagerly
-        after the last call instead."""
-        if self.horizon == 1:
-            return AdjointSweep().solve(self, None, self.loss)
+        through the earlier calls by autograd (with one step, the only call: the compiled
+        function of a sweep's fused last phase). An ``outer_loss`` torch.compile cannot trace
+        with the steps runs eagerly after the last call instead."""
         last = self.chunk if self.horizon > self.chunk > 1 else 1  # steps of the fused call
         x = self._graph_rollout(self.horizon - last)
         controls = dict(self.named_parameters())
