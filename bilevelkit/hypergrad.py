@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import normalizers
-from .costate import AdjointSweep, CostateResult, _differentiable
+from .costate import CostateResult, _differentiable
 from .dynamics import Dynamics
 
 Params = dict[str, Tensor]
