@@ -14,8 +14,9 @@ their error maps) to ``--out``, and prints a table::
      "seen": [...], "unseen": [...], "mean": {"seen": {...}, "unseen": {...}}}
 
 A task the model never saw uses the model of the nearest validation task (same anatomy, else
-most name parts in common); ``--adapt STEPS`` first fine-tunes that model for STEPS Adam steps
-on the task's first volume and evaluates on the others.
+most name parts in common), or with ``--unseen-model average`` the average of all the task
+models' weights (its ``model_task`` is then ``"average"``); ``--adapt STEPS`` first fine-tunes
+that model for STEPS Adam steps on the task's first volume and evaluates on the others.
 """
 from __future__ import annotations
 
@@ -198,21 +199,44 @@ def adapt(model: torch.nn.Module, data: Sequence[dict], steps: int, lr: float = 
     return tuned
 
 
+def average_model(models: Sequence[torch.nn.Module]) -> torch.nn.Module:
+    """A copy of the first model with the mean of the models' floating-point weights and
+    buffers (the models share one architecture, as a checkpoint's task models do)."""
+    avg = copy.deepcopy(models[0])
+    states = [m.state_dict() for m in models]
+    avg.load_state_dict({k: torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point()
+                         else v for k, v in states[0].items()})
+    return avg
+
+
+UNSEEN_MODELS = ("nearest", "average")
+
+
 def evaluate_tasks(models: dict[str, torch.nn.Module], files: dict[str, dict[str, list[dict]]],
                    seen: Sequence[str], device: torch.device, adapt_steps: int = 0,
-                   progress: Callable[[Any], Any] = lambda it: it) -> tuple[dict, list[dict]]:
+                   progress: Callable[[Any], Any] = lambda it: it,
+                   unseen_model: str = "nearest") -> tuple[dict, list[dict]]:
     """Metrics of every task and one figure row per task.
 
     ``models``: validation-task name → model; ``files``: task → {fname: [transformed samples in
     slice order]}; ``seen``: tasks whose own validation-task model exists (directly or by
-    anatomy). Returns the ``metrics.json`` content and rows for ``figures.reconstructions``.
+    anatomy); ``unseen_model``: any other task uses the ``"nearest"`` task's model or the
+    ``"average"`` of all of them (:func:`average_model`). Returns the
+    ``metrics.json`` content and rows for ``figures.reconstructions``.
     """
+    if unseen_model not in UNSEEN_MODELS:
+        raise ValueError(f"unseen_model must be one of {UNSEEN_MODELS}, got {unseen_model!r}")
     out: dict = {"tasks": {}, "seen": [], "unseen": []}
     rows = []
+    averaged = None
     for task in progress(sorted(files)):
         is_seen = task in seen
-        model_task = task if task in models else nearest(task, list(models))
-        model = models[model_task]
+        if is_seen or task in models or unseen_model == "nearest":
+            model_task = task if task in models else nearest(task, list(models))
+            model = models[model_task]
+        else:
+            averaged = averaged or average_model(list(models.values()))
+            model_task, model = "average", averaged
         volumes = files[task]
         names = sorted(volumes)
         if not is_seen and adapt_steps > 0:
@@ -340,9 +364,12 @@ def parser() -> argparse.ArgumentParser:
                    help="mask family (default: each file's mask_family attribute)")
     p.add_argument("--acceleration", type=float, default=None,
                    help="acceleration R >= 1 (default: each file's attribute)")
+    p.add_argument("--unseen-model", default="nearest", choices=UNSEEN_MODELS,
+                   help="the model of a task that has none of its own: the nearest task's (same "
+                   "anatomy first) or the average of all the task models' weights (default: nearest)")
     p.add_argument("--adapt", type=int, default=0, metavar="STEPS",
-                   help="fine-tune the nearest model on the first volume of each task that has no "
-                   "model of its own, then score the others (default: 0, no fine-tuning)")
+                   help="fine-tune that model (--unseen-model) on the first volume of each task that "
+                   "has no model of its own, then score the others (default: 0, no fine-tuning)")
     p.add_argument("--include-training", action="store_true",
                    help="also score the slices the checkpoint was trained or validated on (left out "
                    "by default, so that scores are held-out ones)")
@@ -399,7 +426,8 @@ def run(args: argparse.Namespace) -> dict:
                                sense=network_config(state).needs_maps)
     files = group_files(dataset, indices, transform)
     seen = [t for t in files if t in state.get("seen_tasks", [])]
-    results, rows = evaluate_tasks(models, files, seen, device, args.adapt)
+    results, rows = evaluate_tasks(models, files, seen, device, args.adapt,
+                                   unseen_model=args.unseen_model)
     out.mkdir(parents=True, exist_ok=True)
     results["checkpoint"] = str(args.checkpoint)
     results["held_out_only"] = bool(trained) and not args.include_training

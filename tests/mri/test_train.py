@@ -109,6 +109,9 @@ def test_evaluate_cli_and_adaptation(quick_run, cache, tmp_path, capsys):
     assert "knee_pd_random8" in metrics["unseen"]
     assert metrics["tasks"]["knee_pd_random8"]["adapted_steps"] == 2
     assert metrics["tasks"]["knee_pd_random8"]["model_task"].startswith("knee")
+    assert evaluate.main(args[:-1] + [str(tmp_path / "avg"), "--unseen-model", "average"]) == 0
+    averaged = json.loads((tmp_path / "avg" / "metrics.json").read_text())
+    assert averaged["tasks"]["knee_pd_random8"]["model_task"] == "average"
     captured = capsys.readouterr()
     assert "model PSNR" in captured.out and f"outputs in {out}/" in captured.out
     assert "left out" in captured.err and "--include-training" in captured.err
@@ -338,6 +341,50 @@ def test_metrics_layout_and_adaptation_scores_the_other_volumes(tmp_path):
     assert res["tasks"]["knee_pd_random8"]["volumes"] == 2  # the first one adapted the model
     for m in evaluate.METHODS:
         assert res["mean"]["unseen"][m] == pytest.approx(res["tasks"]["knee_pd_random8"][m])
+
+
+def test_average_model_is_the_mean_of_the_weights():
+    torch.manual_seed(0)
+    cfg = NetworkConfig(coils=3, phases=2, width=4, kspace_width=4)
+    models = [UnrolledRecon(cfg) for _ in range(3)]
+    avg = evaluate.average_model(models)
+    assert avg is not models[0]
+    for name, value in avg.state_dict().items():
+        values = [m.state_dict()[name] for m in models]
+        expected = sum(values) / 3 if value.is_floating_point() else values[0]
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7)
+    before = [p.clone() for p in models[0].parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, models[0].parameters()))  # untouched
+
+
+def test_unseen_tasks_take_the_average_model_seen_tasks_their_own(tmp_path):
+    """``unseen_model="average"``: an unseen task is scored (and adapted) with the average of
+    the task models, exactly as that averaged model alone would score it; a seen task keeps its
+    anatomy's model."""
+    data.generate(tmp_path, tasks=["knee_pd_random8", "brain_t1_random4"], slices=1, size=(32, 32),
+                  coils=3, volumes=2, progress=False)
+    ds = data.SliceDataset(tmp_path)
+    files = evaluate.group_files(ds, range(len(ds)), evaluate.ReconTransform(seed=0))
+    torch.manual_seed(0)
+    cfg = NetworkConfig(coils=3, phases=1, width=4, kspace_width=4)
+    models = {"knee": UnrolledRecon(cfg), "brain": UnrolledRecon(cfg)}
+    cpu = torch.device("cpu")
+    for steps in (0, 1):
+        res, _ = evaluate.evaluate_tasks(models, files, ["brain_t1_random4"], cpu, adapt_steps=steps,
+                                         unseen_model="average")
+        assert res["tasks"]["knee_pd_random8"]["model_task"] == "average"
+        assert res["tasks"]["brain_t1_random4"]["model_task"] == "brain"
+        alone = {"avg": evaluate.average_model(list(models.values()))}
+        ref, _ = evaluate.evaluate_tasks(alone, {"knee_pd_random8": files["knee_pd_random8"]}, [],
+                                         cpu, adapt_steps=steps)
+        assert res["tasks"]["knee_pd_random8"]["model"] == pytest.approx(
+            ref["tasks"]["knee_pd_random8"]["model"], rel=1e-6)
+        nearest, _ = evaluate.evaluate_tasks(models, files, ["brain_t1_random4"], cpu,
+                                             adapt_steps=steps)
+        assert nearest["tasks"]["knee_pd_random8"]["model_task"] == "knee"
+        assert nearest["tasks"]["brain_t1_random4"] == res["tasks"]["brain_t1_random4"]
+    with pytest.raises(ValueError, match="unseen_model must be one of"):
+        evaluate.evaluate_tasks(models, files, [], cpu, unseen_model="mean")
 
 
 def test_precedence_defaults_quick_config_cli(tmp_path):
