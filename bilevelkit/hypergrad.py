@@ -482,7 +482,7 @@ class InnerLoop(Dynamics):
         if out is None:
             return None
         x_T, value, _, lam, g_weights, g_lr, losses = out
-        _check_inner_losses(losses.reshape(-1), T - n + 1)
+        _check_inner_losses(losses, T - n + 1)
         return x_T, _scalar(value, "outer_loss", f"after {T} inner steps"), lam, g_weights, g_lr
 
     def vjp(self, t: int, x: Tensor | None, lam: Tensor, ctx: None):
@@ -574,7 +574,7 @@ class InnerLoop(Dynamics):
         try:
             return _run_compiled(fn, args, recompute=graph)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
-            if fn in (_terminal_vjp, _terminal_run_vjp):  # unfused, the steps may still be compiled
+            if fn in _FUSED_LAST:  # unfused, the steps may still be compiled
                 return None
             _warn_recompile_limit(fn)
             try:
@@ -584,8 +584,7 @@ class InnerLoop(Dynamics):
                 raise
         except torch._dynamo.exc.TorchDynamoException as err:
             self._check_inner_loss(x, weights, t)  # a malformed loss is named as such
-            if fn in (_terminal_vjp, _terminal_run_vjp):  # outer_loss cannot be traced with the
-                # steps: run them unfused
+            if fn in _FUSED_LAST:  # outer_loss cannot be traced with the steps: run them unfused
                 _UNFUSED.add(self._losses())
                 return None
             cause: Exception = err
@@ -700,6 +699,9 @@ def _terminal_run_vjp(*args: object) -> tuple[Tensor, ...]:
     """:func:`_last_steps_vjp` for a run of steps (``Unrolled(compile=True)``'s last call): its
     own function, so that torch.compile counts its variants apart from the sweeps' last phase."""
     return _last_steps_vjp(*args)
+
+
+_FUSED_LAST = (_terminal_vjp, _terminal_run_vjp)  # steps fused with outer_loss
 
 
 def _check_inner_losses(losses: Tensor, t: int) -> None:

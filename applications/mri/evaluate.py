@@ -235,7 +235,8 @@ def evaluate_tasks(models: dict[str, torch.nn.Module], files: dict[str, dict[str
             model_task = task if task in models else nearest(task, list(models))
             model = models[model_task]
         else:
-            averaged = averaged or average_model(list(models.values()))
+            if averaged is None:  # made once, for the first unseen task
+                averaged = average_model(list(models.values()))
             model_task, model = "average", averaged
         volumes = files[task]
         names = sorted(volumes)
