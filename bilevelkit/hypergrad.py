@@ -429,8 +429,8 @@ class InnerLoop(Dynamics):
         ``chunk`` steps, or the last step when k ≤ ``chunk``) is fused with ``outer_loss``: its
         steps, the loss's gradient and the VJP through those steps are one compiled function
         outside autograd (nothing recomputed, no eager loss), whose cotangents then go back
-        through the earlier calls by autograd (with one step, the only call: the compiled
-        function of a sweep's fused last phase). An ``outer_loss`` torch.compile cannot trace
+        through the earlier calls by autograd (with one step, the only call, whose VJP leaves
+        out the constant ``x_0``). An ``outer_loss`` torch.compile cannot trace
         with the steps runs eagerly after the last call instead."""
         last = self.chunk if self.horizon > self.chunk > 1 else 1  # steps of the fused call
         x = self._graph_rollout(self.horizon - last)
@@ -442,7 +442,9 @@ class InnerLoop(Dynamics):
             outputs, cotangents = [value], None
         else:
             x_last, value, lam, g_weights, g_lr = fused
-            outputs, cotangents = [x, self._weights()], [lam, g_weights]
+            outputs, cotangents = [self._weights()], [g_weights]
+            if lam is not None:  # after step 1: the state's cotangent goes back through its calls
+                outputs.append(x), cotangents.append(lam)
             if isinstance(self.lr, Tensor):  # learned: the call's lr input is the Parameter
                 outputs.append(self.lr), cotangents.append(g_lr.to(self.lr.dtype))
             x = x_last
@@ -470,15 +472,21 @@ class InnerLoop(Dynamics):
 
     def _fused_last(self, x: Tensor, n: int) -> tuple | None:
         """The last ``n`` steps from ``x`` fused with ``outer_loss`` (one compiled call outside
-        autograd): ``(x_T, ℓ, λ, ∂ℓ/∂weights, ∂ℓ/∂lr)`` with ``λ = ∂ℓ/∂x``; ``None`` when
+        autograd): ``(x_T, ℓ, λ, ∂ℓ/∂weights, ∂ℓ/∂lr)`` with ``λ = ∂ℓ/∂x`` (``None`` for the
+        constant ``x_0``, when there is one step); ``None`` when
         torch.compile cannot trace ``outer_loss`` with the steps."""
         if self._losses() in _UNFUSED:
             return None
         T = self.horizon
         with torch.no_grad():  # the function transforms inside still differentiate
             x = x.detach()  # as a sweep's states: one variant, whatever x's requires_grad
-            out = (self._call(_terminal_vjp, x, T, self.outer_loss) if n == 1 else
-                   self._call(_terminal_run_vjp, x, T - n + 1, self.outer_loss, n))
+            if T == 1:  # from the constant x_0: no cotangent of the state
+                out = self._call(_only_step_vjp, x, T, self.outer_loss)
+                out = None if out is None else (*out[:3], None, *out[3:])
+            elif n == 1:
+                out = self._call(_terminal_vjp, x, T, self.outer_loss)
+            else:
+                out = self._call(_terminal_run_vjp, x, T - n + 1, self.outer_loss, n)
         if out is None:
             return None
         x_T, value, _, lam, g_weights, g_lr, losses = out
@@ -674,16 +682,20 @@ def _phase_vjp(inner_loss: InnerLoss, layout: _Layout, optimizer: InnerOptimizer
 
 
 def _last_steps_vjp(inner_loss: InnerLoss, layout: _Layout, optimizer: InnerOptimizer, x: Tensor,
-                    weights: Tensor, lr: Tensor, step: Tensor, outer_loss: OuterLoss, n: int = 1
-                    ) -> tuple[Tensor, ...]:
+                    weights: Tensor, lr: Tensor, step: Tensor, outer_loss: OuterLoss, n: int = 1,
+                    wrt_x: bool = True) -> tuple[Tensor, ...]:
     """The last ``n`` steps fused with the outer loss, for ``torch.compile``: the state ``x_T``
     after ``n`` steps from ``x``, ``ℓ = outer_loss(θ_T)``, ``λ_T = ∂ℓ/∂x_T``, the VJP of the
-    ``n`` steps at ``λ_T`` (with respect to x, weights and lr) and their inner losses; every
-    step is evaluated once (its activations kept for the VJP inside the graph)."""
+    ``n`` steps at ``λ_T`` (with respect to x, weights and lr; ``wrt_x=False``: a constant x,
+    its cotangent neither computed nor returned) and their inner losses; every step is
+    evaluated once (its activations kept for the VJP inside the graph)."""
     def run(x, weights, lr):
         return _steps(inner_loss, layout, optimizer, x, weights, lr, step, n)
 
-    new, pull, losses = torch.func.vjp(run, x, weights, lr, has_aux=True)
+    if wrt_x:
+        new, pull, losses = torch.func.vjp(run, x, weights, lr, has_aux=True)
+    else:
+        new, pull, losses = torch.func.vjp(lambda w, a: run(x, w, a), weights, lr, has_aux=True)
     g, value = torch.func.grad_and_value(
         lambda theta: outer_loss(layout.unflatten(theta)).reshape(()))(new[0])
     lam = torch.cat([g.unsqueeze(0), torch.zeros_like(new[1:])])
@@ -701,7 +713,14 @@ def _terminal_run_vjp(*args: object) -> tuple[Tensor, ...]:
     return _last_steps_vjp(*args)
 
 
-_FUSED_LAST = (_terminal_vjp, _terminal_run_vjp)  # steps fused with outer_loss
+def _only_step_vjp(*args: object) -> tuple[Tensor, ...]:
+    """:func:`_last_steps_vjp` for ``Unrolled(compile=True)`` with one step, from the constant
+    ``x_0``: no cotangent of the state (on the benchmark problem a quarter of the matrix
+    products of the VJP of the step). Its own function: torch.compile counts variants per function."""
+    return _last_steps_vjp(*args, 1, False)
+
+
+_FUSED_LAST = (_terminal_vjp, _terminal_run_vjp, _only_step_vjp)  # steps fused with outer_loss
 
 
 def _check_inner_losses(losses: Tensor, t: int) -> None:

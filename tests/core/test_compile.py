@@ -155,10 +155,10 @@ def test_compiled_route_compiles_once_for_new_closures_and_horizons():
 
 @compiler
 def test_compiled_autograd_route_runs_compiled_steps_only(monkeypatch):
-    """No costate: every step is a compiled function (five graphs: the first step from a
-    constant, one step, a run of ``_CHUNK`` steps, and the last step or the last run of
-    ``_CHUNK`` steps fused with the outer loss and its VJP), reused for new closures and
-    horizons; no eager step runs."""
+    """No costate: every step is a compiled function (six graphs: the first step from a
+    constant, one step, a run of ``_CHUNK`` steps, and the only step, the last step or the
+    last run of ``_CHUNK`` steps fused with the outer loss and its VJP), reused for new
+    closures and horizons; no eager step runs."""
     torch._dynamo.reset()
     inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=15)
     steps = []
@@ -169,7 +169,7 @@ def test_compiled_autograd_route_runs_compiled_steps_only(monkeypatch):
             lambda p, w: inner_loss(p, w), outer_loss, params, omega)
         ref = Unrolled(steps=k, lr=0.05, optimizer="momentum")(inner_loss, outer_loss, params, omega)
         assert relative_error(res.hypergrad, ref.hypergrad) <= 1e-10
-    assert _graphs() == before + 5
+    assert _graphs() == before + 6
     assert steps == []
 
 
@@ -340,6 +340,32 @@ def test_compiled_last_run_of_steps_is_fused_with_the_outer_loss(monkeypatch, k)
     assert res.outer_loss == pytest.approx(ref.outer_loss, rel=1e-12)
 
 
+@compiler
+def test_compiled_single_step_is_one_call_without_the_state_cotangent(monkeypatch):
+    """No costate, one step: the step, the outer gradient and the step's VJP with respect to
+    the weights and the rate only (x_0 is a constant) are the only compiled call, and the
+    result (with Adam and a learned rate) is the plain route's."""
+    inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=22)
+    ref = Unrolled(steps=1, lr=0.05, optimizer="adam", learn_lr=True)(
+        inner_loss, outer_loss, params, omega)
+    calls = []
+    call = InnerLoop._call
+
+    def spy(self, fn, x, t, *rest, **kwargs):
+        calls.append((fn.__name__, t))
+        return call(self, fn, x, t, *rest, **kwargs)
+
+    monkeypatch.setattr(InnerLoop, "_call", spy)
+    res = Unrolled(steps=1, lr=0.05, optimizer="adam", learn_lr=True, compile=True)(
+        inner_loss, outer_loss, params, omega)
+    assert calls == [("_only_step_vjp", 1)]
+    assert relative_error(res.hypergrad, ref.hypergrad) <= 1e-10
+    assert res.lr_grad == pytest.approx(ref.lr_grad, rel=1e-10)
+    assert res.outer_loss == pytest.approx(ref.outer_loss, rel=1e-12)
+    for n in ref.params:
+        assert relative_error(res.params[n], ref.params[n]) <= 1e-12
+
+
 def _spy(method, record):
     def spy(self, *args):
         record(self, *args)
@@ -349,8 +375,9 @@ def _spy(method, record):
 
 @compiler
 @pytest.mark.parametrize("costate, k, fused", [
-    (bk.AdjointSweep(), 2, "_terminal_vjp"), (None, 2, "_terminal_vjp"),
-    (None, 6, "_terminal_run_vjp")], ids=["sweep", "autograd-step", "autograd-run"])
+    (bk.AdjointSweep(), 2, "_terminal_vjp"), (None, 1, "_only_step_vjp"),
+    (None, 2, "_terminal_vjp"), (None, 6, "_terminal_run_vjp")],
+    ids=["sweep", "autograd-only-step", "autograd-step", "autograd-run"])
 def test_an_outer_loss_torch_compile_cannot_trace_runs_unfused_and_exactly(
         monkeypatch, costate, k, fused):
     """The last step (or run of steps) and an outer loss torch.compile cannot trace are tried
