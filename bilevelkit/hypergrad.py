@@ -715,8 +715,8 @@ def _terminal_run_vjp(*args: object) -> tuple[Tensor, ...]:
 
 def _only_step_vjp(*args: object) -> tuple[Tensor, ...]:
     """:func:`_last_steps_vjp` for ``Unrolled(compile=True)`` with one step, from the constant
-    ``x_0``: no cotangent of the state (on the benchmark problem a quarter of the matrix
-    products of the VJP of the step). Its own function: torch.compile counts variants per function."""
+    ``x_0``: no cotangent of the state (on the benchmark problem 13 matrix products per call
+    instead of 18). Its own function: torch.compile counts variants per function."""
     return _last_steps_vjp(*args, 1, False)
 
 
