@@ -472,15 +472,16 @@ class InnerLoop(Dynamics):
 
     def _fused_last(self, x: Tensor, n: int) -> tuple | None:
         """The last ``n`` steps from ``x`` fused with ``outer_loss`` (one compiled call outside
-        autograd): ``(x_T, ℓ, λ, ∂ℓ/∂weights, ∂ℓ/∂lr)`` with ``λ = ∂ℓ/∂x`` (``None`` for the
-        constant ``x_0``, when there is one step); ``None`` when
+        autograd): ``(x_T, ℓ, λ, ∂ℓ/∂weights, ∂ℓ/∂lr)`` with ``λ = ∂ℓ/∂x`` (``None`` when ``x``
+        is a constant, as ``x_0`` is when there is one step); ``None`` when
         torch.compile cannot trace ``outer_loss`` with the steps."""
         if self._losses() in _UNFUSED:
             return None
         T = self.horizon
         with torch.no_grad():  # the function transforms inside still differentiate
+            constant = not x.requires_grad  # x_0: no cotangent of the state to compute
             x = x.detach()  # as a sweep's states: one variant, whatever x's requires_grad
-            if T == 1:  # from the constant x_0: no cotangent of the state
+            if constant and n == 1:
                 out = self._call(_only_step_vjp, x, T, self.outer_loss)
                 out = None if out is None else (*out[:3], None, *out[3:])
             elif n == 1:

@@ -359,7 +359,9 @@ def test_compiled_single_step_is_one_call_without_the_state_cotangent(monkeypatc
     res = Unrolled(steps=1, lr=0.05, optimizer="adam", learn_lr=True, compile=True)(
         inner_loss, outer_loss, params, omega)
     assert calls == [("_only_step_vjp", 1)]
-    assert relative_error(res.hypergrad, ref.hypergrad) <= 1e-10
+    # Adam at k = 1: a hypergradient of ~1e-8 set by eps, from cancelling terms (as in the
+    # property test above): 1e-15 absolute on top of 1e-10 relative
+    torch.testing.assert_close(res.hypergrad, ref.hypergrad, rtol=1e-10, atol=1e-15)
     assert res.lr_grad == pytest.approx(ref.lr_grad, rel=1e-10)
     assert res.outer_loss == pytest.approx(ref.outer_loss, rel=1e-12)
     for n in ref.params:
