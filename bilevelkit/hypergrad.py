@@ -483,7 +483,6 @@ class InnerLoop(Dynamics):
             x = x.detach()  # as a sweep's states: one variant, whatever x's requires_grad
             if constant and n == 1:
                 out = self._call(_only_step_vjp, x, T, self.outer_loss)
-                out = None if out is None else (*out[:3], None, *out[3:])
             elif n == 1:
                 out = self._call(_terminal_vjp, x, T, self.outer_loss)
             else:
@@ -688,7 +687,7 @@ def _last_steps_vjp(inner_loss: InnerLoss, layout: _Layout, optimizer: InnerOpti
     """The last ``n`` steps fused with the outer loss, for ``torch.compile``: the state ``x_T``
     after ``n`` steps from ``x``, ``ℓ = outer_loss(θ_T)``, ``λ_T = ∂ℓ/∂x_T``, the VJP of the
     ``n`` steps at ``λ_T`` (with respect to x, weights and lr; ``wrt_x=False``: a constant x,
-    its cotangent neither computed nor returned) and their inner losses; every step is
+    its cotangent not computed and returned as ``None``) and their inner losses; every step is
     evaluated once (its activations kept for the VJP inside the graph)."""
     def run(x, weights, lr):
         return _steps(inner_loss, layout, optimizer, x, weights, lr, step, n)
@@ -700,7 +699,7 @@ def _last_steps_vjp(inner_loss: InnerLoss, layout: _Layout, optimizer: InnerOpti
     g, value = torch.func.grad_and_value(
         lambda theta: outer_loss(layout.unflatten(theta)).reshape(()))(new[0])
     lam = torch.cat([g.unsqueeze(0), torch.zeros_like(new[1:])])
-    return (new, value, lam, *pull(lam), losses)
+    return (new, value, lam, *(() if wrt_x else (None,)), *pull(lam), losses)
 
 
 def _terminal_vjp(*args: object) -> tuple[Tensor, ...]:

@@ -321,14 +321,7 @@ def test_compiled_last_run_of_steps_is_fused_with_the_outer_loss(monkeypatch, k)
     inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=22)
     ref = Unrolled(steps=k, lr=0.05, optimizer="adam", learn_lr=True)(
         inner_loss, outer_loss, params, omega)
-    calls, outer = [], []
-    call = InnerLoop._call
-
-    def spy(self, fn, x, t, *rest, **kwargs):
-        calls.append((fn.__name__, t))
-        return call(self, fn, x, t, *rest, **kwargs)
-
-    monkeypatch.setattr(InnerLoop, "_call", spy)
+    calls, outer = _record_calls(monkeypatch), []
     res = Unrolled(steps=k, lr=0.05, optimizer="adam", learn_lr=True, compile=True)(
         inner_loss, lambda p: outer.append(1) or outer_loss(p), params, omega)
     last = k - bk.hypergrad._CHUNK + 1  # the fused run's first step
@@ -348,14 +341,7 @@ def test_compiled_single_step_is_one_call_without_the_state_cotangent(monkeypatc
     inner_loss, outer_loss, params, omega = mlp_problem(GROUPS, WIDTH, seed=22)
     ref = Unrolled(steps=1, lr=0.05, optimizer="adam", learn_lr=True)(
         inner_loss, outer_loss, params, omega)
-    calls = []
-    call = InnerLoop._call
-
-    def spy(self, fn, x, t, *rest, **kwargs):
-        calls.append((fn.__name__, t))
-        return call(self, fn, x, t, *rest, **kwargs)
-
-    monkeypatch.setattr(InnerLoop, "_call", spy)
+    calls = _record_calls(monkeypatch)
     res = Unrolled(steps=1, lr=0.05, optimizer="adam", learn_lr=True, compile=True)(
         inner_loss, outer_loss, params, omega)
     assert calls == [("_only_step_vjp", 1)]
@@ -366,6 +352,19 @@ def test_compiled_single_step_is_one_call_without_the_state_cotangent(monkeypatc
     assert res.outer_loss == pytest.approx(ref.outer_loss, rel=1e-12)
     for n in ref.params:
         assert relative_error(res.params[n], ref.params[n]) <= 1e-12
+
+
+def _record_calls(monkeypatch) -> list:
+    """The ``(function name, step)`` of every compiled call ``InnerLoop._call`` makes from now on."""
+    calls = []
+    call = InnerLoop._call
+
+    def spy(self, fn, x, t, *rest, **kwargs):
+        calls.append((fn.__name__, t))
+        return call(self, fn, x, t, *rest, **kwargs)
+
+    monkeypatch.setattr(InnerLoop, "_call", spy)
+    return calls
 
 
 def _spy(method, record):
