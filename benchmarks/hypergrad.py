@@ -1,6 +1,6 @@
 """Hypergradients: time, peak memory and accuracy of one meta-step on a reweighting problem.
 
-The problem (MATH.md §3): a 20→64→1 tanh MLP ``f_θ`` (P = 1409 parameters) fits a regression
+The problem (docs/benchmarks.md, "Hypergradients"): a 20→64→1 tanh MLP ``f_θ`` (P = 1409 parameters) fits a regression
 ``y = tanh(aᵀx) + ½ sin(2 x₁) + 0.1 ε`` given as ``N = 10`` groups of ``n`` samples; groups
 1, 4 and 7 are corrupted (their labels are negated). With weights ``σ = softmax(ω)``
 

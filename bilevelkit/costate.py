@@ -44,8 +44,10 @@ class CostateResult:
 
     ``loss``: ``ℓ(x_T)`` (detached). ``grads``: ``∇_θ ℓ`` keyed by ``named_parameters()``
     names (trainable parameters only). ``output``: the final state ``x_T`` (detached).
-    ``states`` ``[x_0..x_T]`` and ``multipliers`` ``[λ_0..λ_T]`` (``λ_t = ∂ℓ/∂x_t``) when the
-    solver kept them, else ``None``.
+    ``states``: ``[x_0..x_T]`` (detached); ``AutogradCostate`` and ``AdjointSweep`` store them
+    anyway and return them whatever ``keep`` is, ``CheckpointedSweep`` only with ``keep=True``
+    (else ``None``). ``multipliers``: ``[λ_0..λ_T]`` (``λ_t = ∂ℓ/∂x_t``) with ``keep=True``,
+    else ``None`` (every solver).
     """
 
     loss: Tensor

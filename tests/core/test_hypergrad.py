@@ -1,8 +1,8 @@
 """Hypergradient strategies against independent answers (float64).
 
 Oracles: weighted ridge regression, whose lower level has the closed form
-θ*(ω) = A(σ)⁻¹ c(σ); the adjoint recursion of MATH.md §3 written out with explicit gradients
-and Hessians (no autograd); the learning-to-reweight formula; torch.optim step by step; and
+θ*(ω) = A(σ)⁻¹ c(σ); the adjoint recursion of ``Unrolled``'s docstring written out with
+explicit gradients and Hessians (no autograd); the learning-to-reweight formula; torch.optim step by step; and
 central finite differences of torch.optim-driven inner loops.
 """
 from dataclasses import dataclass
@@ -106,7 +106,7 @@ def rel_err(a, b):
 
 
 def unrolled_by_hand(p: Ridge, omega, theta0, steps, lr):
-    """MATH.md §3: forward k SGD steps, then the adjoint recursion with explicit Hessians."""
+    """Forward k SGD steps, then ``Unrolled``'s adjoint recursion with explicit Hessians."""
     s = torch.softmax(omega, 0)
     thetas = [theta0]
     for _ in range(steps):

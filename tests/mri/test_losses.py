@@ -1,4 +1,4 @@
-"""The training loss of MATH.md §5 against its closed form."""
+"""The training loss (docs/mri.md, "The network") against its closed form."""
 import torch
 
 from applications.mri.losses import ReconLoss, reconstruction
