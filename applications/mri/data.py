@@ -16,6 +16,7 @@ masked k-space and target, both divided by ``scale`` = max of the zero-filled RS
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import sys
@@ -33,7 +34,8 @@ from tqdm import tqdm
 
 from applications.mri import fft, masks, operators, phantoms
 
-__all__ = ["DataError", "write_fastmri", "Example", "SliceDataset", "MaskTransform", "generate", "main"]
+__all__ = ["DataError", "write_fastmri", "Example", "SliceDataset", "CenterCrop", "MaskTransform",
+           "fingerprint", "generate", "main"]
 
 ISMRMRD_NS = "http://www.ismrm.org/ISMRMRD"
 
@@ -133,8 +135,9 @@ def _parse_header(raw, path: Path) -> dict:
             "padding_right": left + maximum + 1}
 
 
-def _inspect(path: Path) -> tuple[int, dict]:
-    """(number of slices, attributes) of a fastMRI file, from metadata only; DataError if bad."""
+def _inspect(path: Path) -> tuple[tuple[int, ...], tuple[int, ...] | None, dict]:
+    """(k-space shape, reference shape or None, attributes) of a fastMRI file, from metadata
+    only; DataError if bad."""
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -167,16 +170,21 @@ def _inspect(path: Path) -> tuple[int, dict]:
                     f"maximum) and encodedSpace y put the measured phase encodes at columns "
                     f"[{left}, {right}); expected 0 <= first < end <= {width}, the k-space width")
         attrs["task"] = str(attrs.get("task") or attrs.get("acquisition") or "unknown")
-        return ks.shape[0], attrs
+        ref = tuple(f["reconstruction_rss"].shape[1:]) if "reconstruction_rss" in f else None
+        return tuple(ks.shape), ref, attrs
 
 
 class Example(NamedTuple):
-    """One slice: file path, its name relative to the root, slice index, file attributes."""
+    """One slice: file path, its name relative to the root, slice index, file attributes, the
+    k-space shape of a slice (coils, H, W) and the stored reference's (h, w) (None: no
+    reference)."""
 
     path: Path
     fname: str
     slice: int
     attrs: dict
+    shape: tuple = ()
+    ref_shape: tuple | None = None
 
 
 class SliceDataset(torch.utils.data.Dataset):
@@ -208,7 +216,7 @@ class SliceDataset(torch.utils.data.Dataset):
         bad = []
         for path in files:
             try:
-                slices, attrs = _inspect(path)
+                shape, ref_shape, attrs = _inspect(path)
             except DataError as e:
                 if on_error == "fail":
                     raise
@@ -216,7 +224,8 @@ class SliceDataset(torch.utils.data.Dataset):
                 continue
             if wanted is None or attrs["task"] in wanted:
                 name = path.name if path == self.root else path.relative_to(self.root).as_posix()
-                self.examples += [Example(path, name, s, attrs) for s in range(slices)]
+                self.examples += [Example(path, name, s, attrs, shape[1:], ref_shape)
+                                  for s in range(shape[0])]
         if bad:
             warnings.warn(f"SliceDataset skipped {len(bad)} bad file(s):\n  " + "\n  ".join(bad),
                           stacklevel=2)
@@ -228,7 +237,7 @@ class SliceDataset(torch.utils.data.Dataset):
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict:
-        path, fname, s, attrs = self.examples[index]
+        path, fname, s, attrs = self.examples[index][:4]
         try:
             with h5py.File(path, "r") as f:
                 kspace = f["kspace"][s]
@@ -248,6 +257,17 @@ class SliceDataset(torch.utils.data.Dataset):
         return sample if self.transform is None else self.transform(sample)
 
 
+def fingerprint(path: str | os.PathLike) -> str:
+    """A short hash of a file's first k-space slice: the same volume under any name or folder
+    gets the same fingerprint, another volume (e.g. generated with another seed) another one."""
+    try:
+        with h5py.File(path, "r") as f:
+            first = np.ascontiguousarray(f["kspace"][0])
+    except (OSError, KeyError) as e:
+        raise DataError(f"{path}: cannot read the first k-space slice: {e}") from e
+    return hashlib.sha1(repr(first.shape).encode() + first.tobytes()).hexdigest()[:16]
+
+
 def _derived_seed(*parts: int | str) -> int:
     """A 32-bit seed determined by ``parts`` (strings hashed with CRC-32, stable across runs)."""
     keys = [zlib.crc32(p.encode()) if isinstance(p, str) else p for p in parts]
@@ -258,8 +278,31 @@ def _center_crop(x: Tensor, size: Sequence[int], fname: str, what: str) -> Tenso
     (H, W), (h, w) = x.shape[-2:], size
     if h > H or w > W:
         raise DataError(f"{fname}: crop {tuple(size)} is larger than the {what} ({H}, {W})")
-    top, left = (H - h) // 2, (W - w) // 2
-    return x[..., top:top + h, left:left + w]
+    return operators.center_crop(x, size)
+
+
+class CenterCrop:
+    """SliceDataset sample → the same sample with its coil images and reference centre-cropped
+    to ``size`` = (h, w) (k-space: the FFT of the cropped coil images, fastMRI's way to train
+    on one size). A crop to w of W columns resamples k-space: column j of the result is column
+    j·W/w of the file's, so the header's limits of the measured columns (``padding_left``,
+    ``padding_right``) are scaled by w/W."""
+
+    def __init__(self, size: Sequence[int]) -> None:
+        self.size = tuple(size)
+
+    def __call__(self, sample: dict) -> dict:
+        fname, kspace, reference = sample["fname"], sample["kspace"], sample["reference"]
+        width = kspace.shape[-1]
+        out = {**sample, "kspace": fft.fft2c(_center_crop(fft.ifft2c(kspace), self.size, fname,
+                                                          "coil images"))}
+        if reference is not None:
+            out["reference"] = _center_crop(reference, self.size, fname, "reference")
+        attrs = sample["attrs"]
+        if "padding_left" in attrs:  # (p · w) / W, the order of the exact integer cases
+            out["attrs"] = {**attrs, **{k: attrs[k] * self.size[1] / width
+                                        for k in ("padding_left", "padding_right")}}
+        return out
 
 
 class MaskTransform:
@@ -271,8 +314,8 @@ class MaskTransform:
     ``acceleration``, ``center_fraction`` (default 0.08). ``seed`` int: the mask seed is a
     fixed function of (seed, fname, slice), for validation and test; ``seed=None``: a new mask
     each call (torch's RNG, distinct per DataLoader worker), for training. Phase encodes outside
-    the header's encoding limits are never sampled (fastMRI). ``crop=(h, w)``: the coil images
-    are centre-cropped to (h, w) before masking, and so is the target. Without a stored
+    the header's encoding limits are never sampled (fastMRI). ``crop=(h, w)``: the sample goes
+    through :class:`CenterCrop` first (coil images and target cropped). Without a stored
     reference the target is the RSS of the fully sampled coil images.
 
     Output: ``kspace`` (C, H, W), ``mask`` (1, H, W), ``target`` (h, w), ``scale`` (0-d),
@@ -289,24 +332,23 @@ class MaskTransform:
         self.crop = None if crop is None else tuple(crop)
 
     def __call__(self, sample: dict) -> dict:
-        fname, s, attrs, kspace = sample["fname"], sample["slice"], sample["attrs"], sample["kspace"]
+        fname, s, attrs = sample["fname"], sample["slice"], sample["attrs"]
         settings = {}
-        for key, given, attr in (("family", self.family, "mask_family"),
-                                 ("acceleration", self.acceleration, "acceleration")):
+        for key, given, attr, cli in (("family", self.family, "mask_family", "mask"),
+                                      ("acceleration", self.acceleration, "acceleration",
+                                       "acceleration")):
             settings[key] = given if given is not None else attrs.get(attr)
             if settings[key] is None:
-                raise DataError(f"{fname}: no '{attr}' attribute in the file; pass {key}= to "
-                                f"MaskTransform")
+                raise DataError(f"{fname}: no '{attr}' attribute in the file (real fastMRI files "
+                                f"have none) to take the mask's {key} from; give it: --{cli} on "
+                                f"the command line, {key}= of MaskTransform in Python")
         cf = self.center_fraction
         cf = attrs.get("center_fraction", 0.08) if cf is None else cf
-        reference = sample["reference"]
-        width = kspace.shape[-1]
         if self.crop is not None:
-            kspace = fft.fft2c(_center_crop(fft.ifft2c(kspace), self.crop, fname, "coil images"))
+            sample = CenterCrop(self.crop)(sample)
+        kspace, reference = sample["kspace"], sample["reference"]
         if reference is None:
             reference = operators.rss(fft.ifft2c(kspace), dim=-3)
-        elif self.crop is not None:
-            reference = _center_crop(reference, self.crop, fname, "reference")
         if self.seed is None:
             seed = int(torch.randint(2**31 - 1, ()))
         else:
@@ -321,10 +363,9 @@ class MaskTransform:
         except RuntimeError as e:
             raise DataError(f"{fname}: mask of shape {tuple(mask.shape)} does not fit k-space "
                             f"(H, W) = ({H}, {W})") from e
+        attrs = sample["attrs"]
         if "padding_left" in attrs:  # never sample what was not measured (zero padding)
-            # a crop to w columns resamples k-space: column j of it is column j·W/w of the file's
-            first = math.ceil(attrs["padding_left"] * W / width)
-            end = math.floor(attrs["padding_right"] * W / width)
+            first, end = math.ceil(attrs["padding_left"]), math.floor(attrs["padding_right"])
             mask[..., :first] = 0
             mask[..., end:] = 0
         if not bool(mask.any()):
@@ -404,6 +445,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [t for t in args.tasks or [] if t not in phantoms.TASKS]
     if unknown:
         gen.error(f"unknown task(s) {', '.join(unknown)}; valid tasks: {', '.join(phantoms.TASKS)}")
+    if not math.isfinite(args.snr):
+        gen.error(f"--snr must be a finite number of dB, got {args.snr}")
+    if args.out.exists() and not args.out.is_dir():
+        gen.error(f"--out {args.out} is a file; expected a folder")
     paths = generate(args.out, args.tasks, args.slices, tuple(args.size), args.coils, args.seed,
                      args.volumes, args.snr)
     print(f"{len(paths)} files in {args.out}")

@@ -34,8 +34,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from applications.mri import baselines, fft, masks, metrics, sensitivities
-from applications.mri.data import DataError, MaskTransform, SliceDataset
+from applications.mri import baselines, fft, masks, metrics, operators, sensitivities
+from applications.mri.data import CenterCrop, DataError, MaskTransform, SliceDataset, fingerprint
 from applications.mri.losses import ReconLoss, reconstruction
 
 METHODS = ("model", "zero_filled", "cg_sense")
@@ -52,7 +52,8 @@ class ReconTransform:
 
     ``kspace`` (C, H, W) undersampled, ``mask`` (1, H, W), ``target`` RSS reference,
     ``coil_target`` fully sampled coil images, ``scale``; ``sens`` (:func:`coil_maps` of the
-    undersampled k-space) when ``sense``.
+    undersampled k-space) when ``sense``. ``family``, ``acceleration``, ``center_fraction`` and
+    ``seed`` as in :class:`MaskTransform`.
 
     ESPIRiT maps depend on the k-space only through its calibration region
     (:func:`sensitivities.calibration_box`), and they are scale-free, so they are computed
@@ -64,8 +65,8 @@ class ReconTransform:
 
     def __init__(self, family: str | None = None, acceleration: float | None = None,
                  seed: int = 0, sense: bool = False, calib: int = 24,
-                 maps_cache: dict | None = None):
-        self.masking = MaskTransform(family, acceleration, seed=seed)
+                 maps_cache: dict | None = None, center_fraction: float | None = None):
+        self.masking = MaskTransform(family, acceleration, center_fraction, seed=seed)
         self.sense, self.calib, self.maps_cache = sense, calib, maps_cache
 
     def __call__(self, sample: dict) -> dict:
@@ -140,10 +141,67 @@ def nearest(task: str, candidates: Sequence[str]) -> str:
 
 # --- evaluation ------------------------------------------------------------------------------
 
-def _crop(x: Tensor, shape: Sequence[int]) -> Tensor:
-    h, w = x.shape[-2:]
-    top, left = (h - shape[-2]) // 2, (w - shape[-1]) // 2
-    return x[..., top:top + shape[-2], left:left + shape[-1]]
+def check_mask_settings(acceleration: float | None, center_fraction: float | None,
+                        crop: Sequence[int] | None) -> None:
+    """The undersampling and crop options, when given: R >= 1, a centre fraction in (0, 1),
+    a crop of two sizes >= 8."""
+    if acceleration is not None and not acceleration >= 1:
+        raise UsageError(f"acceleration must be >= 1, got {acceleration}")
+    if center_fraction is not None and not 0 < center_fraction < 1:
+        raise UsageError(f"center fraction must be in (0, 1), got {center_fraction}")
+    if crop is not None and (len(crop) != 2 or min(crop) < 8):
+        raise UsageError(f"crop must be two sizes >= 8 (H W), got {list(crop)}")
+
+
+def _files(examples: Sequence[Any], limit: int = 3) -> str:
+    names = sorted({ex.fname for ex in examples})
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_examples(examples: Sequence[Any], *, mask: str | None = None,
+                   acceleration: float | None = None, crop: Sequence[int] | None = None,
+                   coils: int | None = None, one_size: bool = False) -> None:
+    """Check from the files' metadata, before any slice is read, that the slices can be masked,
+    cropped and batched: mask settings given or in every file, ``crop`` within every image and
+    reference, a reference no larger than its image, one coil count (``coils``, else all
+    alike), and with ``one_size`` one image and reference size (what a minibatch stacks).
+    :class:`UsageError` naming the files and the option that fixes it otherwise."""
+    for given, attr, option in ((mask, "mask_family", "--mask FAMILY"),
+                                (acceleration, "acceleration", "--acceleration R")):
+        lacking = [ex for ex in examples if given is None and ex.attrs.get(attr) is None]
+        if lacking:
+            raise UsageError(f"{_files(lacking)}: no '{attr}' attribute (real fastMRI "
+                             f"files have none); pass {option} to say how to undersample")
+    by_coils: dict[int, list] = defaultdict(list)
+    sizes: dict[tuple, list] = defaultdict(list)
+    for ex in examples:
+        c, H, W = ex.shape
+        by_coils[c].append(ex)
+        ref = ex.ref_shape
+        if crop is not None:
+            h, w = crop
+            if h > H or w > W or (ref is not None and (h > ref[0] or w > ref[1])):
+                raise UsageError(f"--crop {h} {w} is larger than {ex.fname}'s images ({H}, {W})"
+                                 + (f" or its reference ({ref[0]}, {ref[1]})" if ref else ""))
+            sizes[(h, w, h, w)].append(ex)
+            continue
+        if ref is not None and (ref[0] > H or ref[1] > W):
+            raise UsageError(f"{ex.fname}: the reference ({ref[0]}, {ref[1]}) is larger than the "
+                             f"k-space's image ({H}, {W})")
+        sizes[(H, W, *(ref or (H, W)))].append(ex)
+    if coils is not None and set(by_coils) - {coils}:
+        other = [ex for c, exs in by_coils.items() if c != coils for ex in exs]
+        raise UsageError(f"{_files(other)}: {other[0].shape[0]} coils; the network takes {coils}")
+    if coils is None and len(by_coils) > 1:
+        raise UsageError("the network takes one coil count, but the files have "
+                         + "; ".join(f"{c} coils ({_files(exs)})" for c, exs in sorted(by_coils.items()))
+                         + "; choose files of one count (--tasks, or another --data folder)")
+    if one_size and len(sizes) > 1:
+        smallest = [min(min(s[k], s[k + 2]) for s in sizes) for k in (0, 1)]
+        raise UsageError("a minibatch needs one size, but the files have images (and references) "
+                         "of " + "; ".join(f"{H}×{W} ({h}×{w}) in {_files(exs)}"
+                                           for (H, W, h, w), exs in sorted(sizes.items()))
+                         + f"; pass --crop H W (at most {smallest[0]} {smallest[1]}) to crop them alike")
 
 
 def coil_maps(kspace: Tensor, calib: int = 24) -> Tensor:
@@ -171,7 +229,7 @@ def reconstruct(model: torch.nn.Module, item: dict, device: torch.device, cg_ite
     ref = batch["target"][0] * scale
     images = {"model": reconstruction(u_T)[0], "zero_filled": baselines.zero_filled(batch["kspace"], batch["mask"])[0],
               "cg_sense": baselines.magnitude(cg, sens)[0]}
-    return {"reference": ref, **{k: _crop(v, ref.shape) * scale for k, v in images.items()}}
+    return {"reference": ref, **{k: operators.center_crop(v, ref.shape) * scale for k, v in images.items()}}
 
 
 def volume_metrics(ref: Tensor, images: dict[str, Tensor]) -> dict[str, dict[str, float]]:
@@ -362,9 +420,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for metrics.json and reconstructions.png "
                    "(not a training run's folder)")
     p.add_argument("--mask", default=None, choices=masks.FAMILIES,
-                   help="mask family (default: each file's mask_family attribute)")
+                   help="mask family (default: the training run's --mask, else each file's "
+                   "mask_family attribute)")
     p.add_argument("--acceleration", type=float, default=None,
-                   help="acceleration R >= 1 (default: each file's attribute)")
+                   help="acceleration R >= 1 (default: the training run's, else each file's attribute)")
+    p.add_argument("--center-fraction", type=float, default=None,
+                   help="fully sampled centre fraction (default: the training run's, else each "
+                   "file's attribute, else 0.08)")
+    p.add_argument("--crop", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="centre-crop the coil images (and the reference) to H × W first "
+                   "(default: the training run's --crop, else none)")
     p.add_argument("--unseen-model", default="nearest", choices=UNSEEN_MODELS,
                    help="the model of a task that has none of its own: the nearest task's (same "
                    "anatomy first) or the average of all the task models' weights (default: nearest)")
@@ -390,32 +455,59 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _held_out(dataset: SliceDataset, trained: dict) -> list[int]:
+    """Indices of the slices the checkpoint was neither trained nor validated on. ``trained``:
+    fingerprint → {"file", "slices"} (:func:`data.fingerprint`: the volume whatever its name);
+    checkpoints before fingerprints map the file's name → slices."""
+    by_print = all(isinstance(v, dict) for v in trained.values())
+    prints: dict[Path, str] = {}
+    keep = []
+    for i, ex in enumerate(dataset.examples):
+        if by_print:
+            if ex.path not in prints:
+                prints[ex.path] = fingerprint(ex.path)
+            slices = trained.get(prints[ex.path], {}).get("slices", ())
+        else:
+            slices = trained.get(Path(ex.fname).name, ())
+        if ex.slice not in slices:
+            keep.append(i)
+    return keep
+
+
 def run(args: argparse.Namespace) -> dict:
     from applications.mri import figures
 
-    if args.adapt < 0:
-        raise UsageError(f"--adapt must be >= 0, got {args.adapt}")
-    if args.threads < 0:
-        raise UsageError(f"--threads must be >= 0, got {args.threads}")
-    if args.acceleration is not None and not args.acceleration >= 1:
-        raise UsageError(f"--acceleration must be >= 1, got {args.acceleration}")
+    for name in ("adapt", "threads", "seed"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; expected a folder (new or empty of a training run)")
     if any((out / f).exists() for f in ("checkpoint.pt", "config.toml")):
         raise UsageError(f"--out {out} holds a training run, whose metrics.json and figures this "
                          "would overwrite; choose another --out")
     if not Path(args.data).exists():
-        raise UsageError(f"--data {args.data}: no such folder")
+        raise UsageError(f"--data {args.data}: no such file or folder")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     state = load_checkpoint(args.checkpoint, device)
+    if "network" not in state or "task_names" not in state or "models" not in state["trainer"]:
+        raise UsageError(f"{args.checkpoint}: not a complete checkpoint of applications.mri.train "
+                         "(it lacks the network settings, task names or weights)")
+    net_cfg = network_config(state)
     models = models_from_checkpoint(state, device)
-    dataset = SliceDataset(args.data)
+    trained_with = state.get("config", {})
+    settings = {name: getattr(args, name) if getattr(args, name) is not None
+                else trained_with.get(name) or None
+                for name in ("mask", "acceleration", "center_fraction", "crop")}
+    check_mask_settings(settings["acceleration"], settings["center_fraction"], settings["crop"])
+    crop = settings["crop"]
+    dataset = SliceDataset(args.data, transform=CenterCrop(crop) if crop else None)
     indices = list(range(len(dataset)))
     trained = state.get("trained_on", {})
     if trained and not args.include_training:
-        indices = [i for i in indices if dataset.examples[i].slice
-                   not in trained.get(Path(dataset.examples[i].fname).name, ())]
+        indices = _held_out(dataset, trained)
         left = len(dataset) - len(indices)
         if not indices:
             raise UsageError(f"--data {args.data}: the checkpoint was trained or validated on every "
@@ -423,8 +515,10 @@ def run(args: argparse.Namespace) -> dict:
         if left:
             print(f"left out {left} of {len(dataset)} slices that the checkpoint was trained or "
                   "validated on (--include-training scores them too)", file=sys.stderr)
-    transform = ReconTransform(args.mask, args.acceleration, seed=args.seed,
-                               sense=network_config(state).needs_maps)
+    check_examples([dataset.examples[i] for i in indices], mask=settings["mask"],
+                   acceleration=settings["acceleration"], crop=crop, coils=net_cfg.coils)
+    transform = ReconTransform(settings["mask"], settings["acceleration"], seed=args.seed,
+                               sense=net_cfg.needs_maps, center_fraction=settings["center_fraction"])
     files = group_files(dataset, indices, transform)
     seen = [t for t in files if t in state.get("seen_tasks", [])]
     results, rows = evaluate_tasks(models, files, seen, device, args.adapt,

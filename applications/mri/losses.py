@@ -3,7 +3,8 @@
     ℓ = ‖RSS(u_T) − RSS(u*)‖₁  +  ‖u_T − u*‖²  +  0.01 ‖u_0 − u*‖₁      (means over pixels)
 
 with ``u*`` the fully sampled coil images and ``RSS(u*)`` the reference, both divided by the
-sample's normalisation ``scale``. **Decision:** the image term uses ``RSS(u_T)``, not the
+sample's normalisation ``scale``; a reference smaller than the image (fastMRI's 320 × 320
+``reconstruction_rss`` of 640 × 368 k-space) is compared with the image's centre crop. **Decision:** the image term uses ``RSS(u_T)``, not the
 learned combination ``|J(u_T)|``, so that the loss depends on the final state only and carries
 no parameters — the contract every costate solver relies on (a parameter inside the loss would
 get no gradient from the sweep). The ``u_0`` term is a loss on the initial state, added by
@@ -44,8 +45,11 @@ class ReconLoss:
 
     def terminal(self, u_T: Tensor, batch: dict) -> Tensor:
         """``‖RSS(u_T) − ref‖₁ + ‖u_T − u*‖² (+ w(1 − SSIM))``."""
-        image = reconstruction(u_T)
-        ref = batch["target"].to(image.dtype)
+        ref = batch["target"]
+        # a reference smaller than the k-space's image (fastMRI: 320 × 320 of 640 × 368) is
+        # compared with the image's centre, as fastMRI's metrics do
+        image = operators.center_crop(reconstruction(u_T), ref.shape)
+        ref = ref.to(image.dtype)
         loss = self.image_weight * (image - ref).abs().mean()
         loss = loss + self.coil_weight * (u_T - _coil_target(batch, u_T)).abs().pow(2).mean()
         if self.ssim_weight:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from applications.mri.fft import DIMS, fft2c, ifft2c
 
-__all__ = ["SenseOperator", "CoilOperator", "rss", "apply_mask"]
+__all__ = ["SenseOperator", "CoilOperator", "rss", "apply_mask", "center_crop"]
 
 
 def _check_mask(mask: Tensor) -> Tensor:
@@ -165,3 +165,15 @@ class CoilOperator:
 def rss(coil_images: Tensor, dim: int = -3) -> Tensor:
     """Root-sum-of-squares RSS(u) = (Σ_c |u_c|²)^{1/2} along ``dim``; real output."""
     return torch.linalg.vector_norm(coil_images, dim=dim)
+
+
+def center_crop(x: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """The centre ``shape[-2:]`` of the last two axes (fastMRI's crop: the top-left corner at
+    ``((H − h) // 2, (W − w) // 2)``); ``x`` itself when the sizes already agree."""
+    (H, W), (h, w) = x.shape[-2:], tuple(shape)[-2:]
+    if (h, w) == (H, W):
+        return x
+    if h > H or w > W:
+        raise ValueError(f"cannot crop ({H}, {W}) to the larger ({h}, {w})")
+    top, left = (H - h) // 2, (W - w) // 2
+    return x[..., top:top + h, left:left + w]

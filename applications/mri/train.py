@@ -38,10 +38,11 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 import bilevelkit as bk
-from applications.mri import phantoms
-from applications.mri.data import DataError, SliceDataset, generate
-from applications.mri.evaluate import (CachedSubset, ReconTransform, UsageError, evaluate_tasks,
-                                       family, group_files, load_checkpoint, pick_device, table)
+from applications.mri import masks, phantoms
+from applications.mri.data import CenterCrop, DataError, SliceDataset, fingerprint, generate
+from applications.mri.evaluate import (CachedSubset, ReconTransform, UsageError, check_examples,
+                                       check_mask_settings, evaluate_tasks, family, group_files,
+                                       load_checkpoint, pick_device, table)
 from applications.mri.losses import ReconLoss
 from applications.mri.network import NetworkConfig, UnrolledRecon
 
@@ -62,6 +63,10 @@ class TrainConfig:
     slices: int = 6
     volumes: int = 6
     mask_variants: int = 16
+    mask: str = ""                 # mask family; "" = each file's mask_family attribute
+    acceleration: float = 0.0      # 0 = each file's attribute
+    center_fraction: float = 0.0   # 0 = each file's attribute, else 0.08
+    crop: list = field(default_factory=list)     # [H, W]: centre-crop the coil images first
     mode: str = "meta"
     val_tasks: str = "anatomy"
     normalizer: str = "softmax"
@@ -99,6 +104,13 @@ class TrainConfig:
                              operator=self.operator)
 
 
+INT_PAIRS = ("size", "crop")  # options of two integers, H W
+# what --resume cannot change: the data, its split and masks, the network, the shape of Ω
+FIXED_ON_RESUME = frozenset({"tasks", "unseen", "size", "coils", "slices", "volumes",
+                             "mask_variants", "mask", "acceleration", "center_fraction", "crop",
+                             "val_tasks", "phases", "width", "depth", "kernel", "initial",
+                             "warm_start", "cg_iters", "operator", "share_initial", "seed"})
+
 QUICK = dict(size=[64, 64], coils=4, slices=2, volumes=3, mask_variants=2, phases=2, width=6, epochs=3,
              lower_steps=1, groups_per_step=0, tasks=["brain_t1_random4", "knee_pd_equispaced4",
                                    "knee_t2_random6", "knee_pd_random8"])
@@ -123,6 +135,13 @@ HELP = {
     "size": "image size H W of the synthetic data", "coils": "coils of the synthetic data",
     "slices": "slices per synthetic volume", "volumes": "synthetic volumes per task",
     "mask_variants": "undersampling masks per training slice (augmentation; masks differ by seed)",
+    "mask": "mask family, for files without a mask_family attribute (real fastMRI files) or to "
+            "override it (default: each file's)",
+    "acceleration": "acceleration R >= 1 of --mask (default: each file's attribute)",
+    "center_fraction": "fully sampled centre fraction of the mask (default: each file's "
+                       "attribute, else 0.08)",
+    "crop": "centre-crop the coil images and references to H × W before undersampling, so that "
+            "volumes of other sizes batch together (fastMRI: 320 320) (default: no crop)",
     "mode": "meta: learn W = σ(Ω); joint: uniform weights (the baseline)",
     "val_tasks": "validation tasks: one per anatomy, or one per seen task",
     "normalizer": "σ, normalising each column of Ω onto the simplex",
@@ -149,8 +168,8 @@ HELP = {
                        "cheaper estimate of the weighted sum); 0: all groups",
     "batch_size": "slices per training group in a minibatch", "lr": "lower-level Adam learning rate",
     "meta_lr": "Adam learning rate of Ω", "seed": "seed of data, masks, initialisation and minibatches",
-    "device": "auto picks CUDA when present", "threads": "torch CPU threads (0: torch's default); the tensors are small, and on a shared "
-               "2-core machine 2 threads measured up to 4x slower than 1",
+    "device": "auto picks CUDA when present", "threads": "torch CPU threads (0: torch's own choice); the tensors are small, and on a "
+               "shared 2-core machine 2 threads measured up to 4x slower than 1",
 }
 
 
@@ -171,9 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
                               else f"{HELP[f.name]} (default: {shown})"}
         if f.name in CHOICES:
             kw["choices"] = CHOICES[f.name]
+        elif f.name == "mask":
+            kw["choices"] = masks.FAMILIES
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.name == "size":
+        elif f.name in INT_PAIRS:
             p.add_argument(flag, nargs=2, type=int, metavar=("H", "W"), **kw)
         elif isinstance(default, list):
             p.add_argument(flag, nargs="+", metavar="TASK", **kw)
@@ -199,14 +220,16 @@ def load_toml(path: str) -> dict:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UsageError(f"--config {path}: unknown option {key!r}{hint}; valid options: "
                              + ", ".join(sorted(known)))
-        out[name] = _typed(value, getattr(TrainConfig(), name), f"--config {path}: option {key!r}")
+        out[name] = _typed(value, getattr(TrainConfig(), name), f"--config {path}: option {key!r}",
+                           name in INT_PAIRS)
     return out
 
 
-def _typed(value: Any, default: Any, where: str) -> Any:
-    """``value`` if it has the type of the option's ``default`` (an int is a valid float)."""
+def _typed(value: Any, default: Any, where: str, ints: bool = False) -> Any:
+    """``value`` if it has the type of the option's ``default`` (an int is a valid float; a
+    list holds integers when ``ints``, else names)."""
     if isinstance(default, list):
-        kind = int if default and isinstance(default[0], int) else str
+        kind = int if ints else str
         if isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
             return value
         what = "a list of integers" if kind is int else "a list of names, e.g. [\"knee_pd_random4\"]"
@@ -230,16 +253,21 @@ def _typed(value: Any, default: Any, where: str) -> Any:
 
 
 def resolve(argv: Sequence[str] | None) -> tuple[TrainConfig, argparse.Namespace]:
-    """Defaults < --quick < --config file < command line; then validated."""
+    """Defaults < --quick < --config file < command line; then validated. ``args.given``
+    names the options set by the command line or the file (what ``--resume`` applies)."""
     args = build_parser().parse_args(argv)
     values = dataclasses.asdict(TrainConfig())
+    from_file = load_toml(args.config) if "config" in args else {}
+    given = {k: v for k, v in vars(args).items() if k in values}
     if getattr(args, "quick", False):
         values.update(QUICK)
-    if "config" in args:
-        values.update(load_toml(args.config))
-    values.update({k: v for k, v in vars(args).items() if k in values})
+        if ("data" in given or "data" in from_file) and not ("tasks" in given or "tasks" in from_file):
+            values["tasks"] = []  # --quick's tasks are catalogue names: keep the data's own
+    values.update(from_file)
+    values.update(given)
     cfg = TrainConfig(**values)
     validate(cfg)
+    args.given = sorted({*from_file, *given})
     return cfg, args
 
 
@@ -257,6 +285,11 @@ def validate(cfg: TrainConfig) -> None:
             raise UsageError(f"{name} must be an integer >= 0, got {getattr(cfg, name)!r}")
     if len(cfg.size) != 2 or min(cfg.size) < 16:
         raise UsageError(f"size must be two integers >= 16 (H W), got {cfg.size}")
+    if not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise UsageError(f"seed must be an integer >= 0, got {cfg.seed!r}")
+    if cfg.mask and cfg.mask not in masks.FAMILIES:
+        raise UsageError(f"mask must be one of {', '.join(masks.FAMILIES)}, got {cfg.mask!r}")
+    check_mask_settings(cfg.acceleration or None, cfg.center_fraction or None, cfg.crop or None)
     for name in ("lr", "meta_lr", "inner_lr"):
         if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
             raise UsageError(f"{name} must be a finite number > 0, got {getattr(cfg, name)}")
@@ -287,12 +320,18 @@ def write_toml(path: Path, cfg: TrainConfig) -> None:
 def data_root(cfg: TrainConfig, rank: int) -> Path:
     if cfg.data:
         root = Path(cfg.data).expanduser()
-        if not root.is_dir():
-            raise UsageError(f"--data {root}: no such folder")
+        if not root.exists():
+            raise UsageError(f"--data {root}: no such folder or file")
         return root
     H, W = cfg.size
-    root = Path(cfg.cache).expanduser() / f"{H}x{W}-c{cfg.coils}-s{cfg.slices}-v{cfg.volumes}-seed{cfg.seed}"
+    cache = Path(cfg.cache).expanduser()
+    root = cache / f"{H}x{W}-c{cfg.coils}-s{cfg.slices}-v{cfg.volumes}-seed{cfg.seed}"
     if rank == 0:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"--cache {cache}: cannot make the folder {root} for the synthetic "
+                             f"data there ({err.strerror or err})") from None
         generate(root, tasks=list(phantoms.TASKS), slices=cfg.slices, size=(H, W), coils=cfg.coils,
                  seed=cfg.seed, volumes=cfg.volumes)
     if dist.is_initialized():
@@ -311,6 +350,10 @@ def split(dataset: SliceDataset, cfg: TrainConfig) -> dict[str, Any]:
         if missing:
             raise UsageError(f"task(s) {', '.join(missing)} not found in the data; it has: {', '.join(tasks)}")
         tasks = [t for t in tasks if t in cfg.tasks]
+    stray = [t for t in cfg.unseen if t not in tasks]
+    if stray:
+        raise UsageError(f"--unseen: task(s) {', '.join(stray)} not among the tasks used: "
+                         + ", ".join(tasks))
     held = set(cfg.unseen) | {t for t in tasks if t in phantoms.TASKS and phantoms.TASKS[t].held_out
                               and not cfg.data}
     seen = [t for t in tasks if t not in held]
@@ -450,6 +493,8 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
     if cfg.batch_size % world:
         raise UsageError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
     out = Path(cfg.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; expected a folder for the run's outputs")
     state = None
     if resume:
         if not (out / "checkpoint.pt").is_file():
@@ -458,8 +503,16 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
                              + ("; the run there stopped before its first epoch ended, start it "
                                 "again without --resume" if unfinished else ""))
         state = load_checkpoint(out / "checkpoint.pt", "cpu")
-        cfg = dataclasses.replace(TrainConfig(**state["config"]),
-                                  **{k: getattr(cfg, k) for k in given if hasattr(cfg, k)})
+        saved = TrainConfig(**state["config"])
+        changed = [k for k in given if k in FIXED_ON_RESUME and getattr(cfg, k) != getattr(saved, k)]
+        if changed:
+            free = sorted(f.name for f in dataclasses.fields(TrainConfig) if f.name not in FIXED_ON_RESUME)
+            raise UsageError(
+                "--resume continues the run with its own data, split and network; it cannot change "
+                + ", ".join(f"{k} (the run has {getattr(saved, k)!r}, given {getattr(cfg, k)!r})"
+                            for k in changed)
+                + f". Options it can change: {', '.join(free)}")
+        cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in given if hasattr(cfg, k)})
     elif rank == 0 and (out / "checkpoint.pt").exists():
         raise UsageError(f"--out {out} holds another run; pass --resume to continue it or choose "
                          "another --out")
@@ -470,18 +523,21 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
 
     # read and check the data before writing anything: a bad --data leaves --out untouched
     root = data_root(cfg, rank)
-    dataset = SliceDataset(root)
+    dataset = SliceDataset(root, transform=CenterCrop(cfg.crop) if cfg.crop else None)
     plan = split(dataset, cfg)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_toml(out / "config.toml", cfg)
-    setup_logging(out, rank)
-    coils = dataset[0]["kspace"].shape[0]
+    used = {t: [dataset.examples[i] for part in plan["parts"][t].values() for i in part]
+            for t in plan["parts"]}
+    mask_options = dict(mask=cfg.mask or None, acceleration=cfg.acceleration or None, crop=cfg.crop or None)
+    check_examples([ex for exs in used.values() for ex in exs], **mask_options)
+    check_examples([ex for t in plan["seen"] for ex in used[t]], one_size=True, **mask_options)
+    coils = used[plan["seen"][0]][0].shape[0]
     net_cfg = cfg.network(coils)
     maps: dict = {}  # ESPIRiT maps, shared by the mask draws (see ReconTransform)
-    transform = ReconTransform(seed=cfg.seed, sense=net_cfg.needs_maps, maps_cache=maps)
-    variants = [ReconTransform(seed=cfg.seed + 1000 * (v + 1), sense=net_cfg.needs_maps,
-                               maps_cache=maps)
+    masking = dict(family=cfg.mask or None, acceleration=cfg.acceleration or None,
+                   center_fraction=cfg.center_fraction or None, sense=net_cfg.needs_maps,
+                   maps_cache=maps)
+    transform = ReconTransform(seed=cfg.seed, **masking)
+    variants = [ReconTransform(seed=cfg.seed + 1000 * (v + 1), **masking)
                 for v in range(cfg.mask_variants)]
     groups = [CachedSubset(dataset, plan["parts"][t]["train"], variants) for t in plan["seen"]]
     if cfg.val_tasks == "anatomy":
@@ -510,15 +566,27 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
         shared=shared, costate=costate_solver(cfg.costate, cfg.checkpoints), seed=cfg.seed,
         collate=lambda items: {k: v.to(device) for k, v in default_collate(items).items()})
     if state is not None:
-        trainer.load_state_dict(state["trainer"])
+        try:
+            trainer.load_state_dict(state["trainer"])
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise UsageError(f"--resume: {out / 'checkpoint.pt'} does not fit this run's data "
+                             f"({plan['seen']}, validation tasks {val_names}): "
+                             + str(err).split("\n")[0]) from None
         torch.set_rng_state(state["torch_rng"])
         for optimizer, name in ((trainer.optimizer, "lr"), (trainer.meta_optimizer, "meta_lr")):
             if name in given:  # the checkpoint's optimizer state carries the old rate
                 for group in optimizer.param_groups:
                     group["lr"] = getattr(cfg, name)
-        if rank == 0:  # a kill after an epoch's log rows but before its checkpoint left extra rows
+    if rank == 0:  # everything checked: from here on the run writes to --out
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"--out {out}: cannot make the folder ({err.strerror or err})") from None
+        write_toml(out / "config.toml", cfg)
+        if state is not None:  # a kill after an epoch's log rows but before its checkpoint left extra rows
             for name in ("train_log.csv", "weights.csv"):
                 _keep_epochs(out / name, trainer.epoch)
+    setup_logging(out, rank)
 
     @torch.no_grad()
     def val_loss(tr: bk.trainers.BilevelTrainer) -> list[float]:
@@ -528,12 +596,18 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
             values.append(float(loss(m, batch)))
         return values
 
-    trained_on: dict[str, list[int]] = defaultdict(list)  # file name → slices (evaluate skips them)
+    # fingerprint → file name and slices: evaluate skips them in any folder, under any name
+    trained_on: dict[str, dict] = {}
+    prints: dict[Path, str] = {}
     for t in plan["seen"]:
         for i in plan["parts"][t]["train"] + plan["parts"][t]["val"]:
-            trained_on[Path(dataset.examples[i].fname).name].append(dataset.examples[i].slice)
+            ex = dataset.examples[i]
+            if ex.path not in prints:
+                prints[ex.path] = fingerprint(ex.path)
+            entry = trained_on.setdefault(prints[ex.path], {"file": Path(ex.fname).name, "slices": []})
+            entry["slices"].append(ex.slice)
     meta = {"config": dataclasses.asdict(cfg), "network": dataclasses.asdict(net_cfg),
-            "trained_on": {k: sorted(v) for k, v in sorted(trained_on.items())},
+            "trained_on": {k: {**v, "slices": sorted(v["slices"])} for k, v in sorted(trained_on.items())},
             "task_names": val_names, "group_names": plan["seen"], "seen_tasks": plan["seen"],
             "unseen_tasks": plan["unseen"], "best": state.get("best", float("inf")) if state else float("inf")}
     log.info("data %s: seen %s, unseen %s; W is %d groups x %d validation tasks", root,
@@ -562,14 +636,13 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
         return None
 
     models = {name: m.eval() for name, m in zip(val_names, trainer.models)}
-    model_of = {t: (family(t) if cfg.val_tasks == "anatomy" else t) for t in plan["seen"]}
     test_index = [i for t in plan["parts"] for i in plan["parts"][t]["test"]]
     files = group_files(dataset, test_index, transform)
-    by_task_models = {**models, **{t: models[v] for t, v in model_of.items()}}
-    results, rows = evaluate_tasks(by_task_models, files, plan["seen"], device,
+    # a seen task's model is its anatomy's (or its own): the nearest validation task
+    results, rows = evaluate_tasks(models, files, plan["seen"], device,
                                    progress=lambda it: tqdm(it, desc="evaluating", unit="task"))
     results.update({"mode": cfg.mode, "train_seconds": train_seconds,
-                    "total_seconds": time.perf_counter() - t0, "epochs": trainer.epoch,
+                    "total_seconds": time.perf_counter() - t0 + resumed_seconds, "epochs": trainer.epoch,
                     "weights": {"groups": plan["seen"], "tasks": val_names,
                                 "W": trainer.weights.reshape(len(groups), -1).cpu().tolist()}})
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
@@ -588,10 +661,18 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
     return results
 
 
+def _close_log() -> None:
+    """Detach the run's log file, so that a later run in this process never writes to it."""
+    for handler in list(log.handlers):
+        handler.close()
+        log.removeHandler(handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _close_log()
     try:
         cfg, args = resolve(argv)
-        run(cfg, getattr(args, "resume", False), given=list(vars(args)))
+        run(cfg, getattr(args, "resume", False), given=args.given)
     except (UsageError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         if log.handlers:  # the run got as far as its log file
@@ -606,6 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("training stopped: %s", err)
         return 1
     finally:
+        _close_log()
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0

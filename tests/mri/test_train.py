@@ -158,7 +158,7 @@ def test_evaluate_bad_input_exits_2_with_one_message(quick_run, tmp_path, capsys
         ([text, tmp_path, tmp_path / "o"], "not a PyTorch checkpoint"),
         ([quick_run, tmp_path, tmp_path / "o"], "is a folder; pass the checkpoint file in it"),
         ([ckpt, tmp_path, quick_run], "holds a training run"),
-        ([ckpt, tmp_path / "missing", tmp_path / "o"], "no such folder"),
+        ([ckpt, tmp_path / "missing", tmp_path / "o"], "no such file or folder"),
         ([ckpt, tmp_path / "d", tmp_path / "o"], "broken.h5: not a readable HDF5 file"),
         ([ckpt, tmp_path, tmp_path / "o", "--adapt", "-1"], "--adapt must be >= 0, got -1"),
     ]
@@ -201,6 +201,8 @@ def test_sigkill_and_resume_gives_the_uninterrupted_result(tmp_path, cache):
     seconds = [float(r.split(",")[1]) for r in rows]
     assert len(seconds) == 6 and seconds == sorted(seconds), seconds
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, 7))
+    metrics = json.loads((killed / "metrics.json").read_text())
+    assert metrics["total_seconds"] >= metrics["train_seconds"] >= seconds[-1]
 
 
 @pytest.mark.parametrize("start", ["zero_filled", "cg_sense"])
@@ -421,6 +423,24 @@ def test_resume_uses_the_checkpoint_config_with_given_options_on_top(tmp_path, m
     cfg = seen["cfg"]
     assert cfg.lr == 0.5                                   # given: overrides the checkpoint
     assert (cfg.epochs, cfg.share_initial, cfg.width) == (6, False, 5)  # not given: the checkpoint's
+    more = tmp_path / "more.toml"  # options of a --config file are given options too
+    more.write_text("epochs = 9\nwidth = 5\n")
+    with pytest.raises(Stop):
+        train.main(["--out", str(out), "--resume", "--config", str(more)])
+    assert (seen["cfg"].epochs, seen["cfg"].lr) == (9, 0.01)
+
+
+def test_resume_refuses_to_change_the_network_or_data(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    saved = train.TrainConfig(width=5, out=str(out))
+    torch.save({"config": dataclasses.asdict(saved), "trainer": {}}, out / "checkpoint.pt")
+    (out / "config.toml").write_text("width = 5\n")
+    assert train.main(["--out", str(out), "--resume", "--width", "8", "--phases", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot change width (the run has 5, given 8)" in err and "phases" not in err.split(".")[0]
+    assert "Options it can change: " in err and "Traceback" not in err
+    assert (out / "config.toml").read_text() == "width = 5\n"
 
 
 # --- split -----------------------------------------------------------------------------------
@@ -461,6 +481,11 @@ def test_split_refuses_tasks_missing_from_the_data():
     ds = FakeDataset({"brain_t1_random4": (3, 1), "CORPD_FBK": (3, 1)})
     with pytest.raises(train.UsageError, match="task.s. knee_x not found in the data"):
         train.split(ds, train.TrainConfig(data="folder", tasks=["CORPD_FBK", "knee_x"]))
+    with pytest.raises(train.UsageError, match=r"--unseen: task\(s\) CORPD_FBX not among the tasks "
+                                               "used: CORPD_FBK, brain_t1_random4"):
+        train.split(ds, train.TrainConfig(data="folder", unseen=["CORPD_FBX"]))
+    with pytest.raises(train.UsageError, match="not among the tasks used: CORPD_FBK$"):
+        train.split(ds, train.TrainConfig(data="folder", tasks=["CORPD_FBK"], unseen=["brain_t1_random4"]))
 
 
 # --- Recorder: CSV rows, checkpoint, best.pt -----------------------------------------------
@@ -530,6 +555,7 @@ def test_tiny_run_val_tasks_and_metrics(tmp_path):
     W = m["weights"]["W"]
     assert len(W) == 3 and all(len(r) == 2 for r in W)
     assert m["tasks"]["knee_t2_random6"]["model_task"] == "knee"
+    assert [m["tasks"][t]["model_task"] for t in seen] == ["brain", "brain", "knee"]
     assert all(m["tasks"][t]["volumes"] == 1 for t in seen)
     assert m["tasks"]["knee_t2_random6"]["volumes"] == 3
     rows = (out / "weights.csv").read_text().splitlines()
@@ -574,3 +600,134 @@ def test_nearest_prefers_the_same_anatomy():
         == "brain_t1_equispaced4"
     assert evaluate.nearest("knee_pd_random8", ["knee_t2_equispaced4", "knee_pd_random4"]) \
         == "knee_pd_random4"
+
+
+def test_evaluate_knows_a_volume_by_its_content_not_its_name(tmp_path):
+    for seed in (0, 1):  # the same file names, other volumes
+        data.generate(tmp_path / f"seed{seed}", tasks=["brain_t1_random4"], slices=2, size=(32, 32),
+                      coils=2, volumes=2, seed=seed, progress=False)
+    first = tmp_path / "seed0" / "brain_t1_random4_000.h5"
+    ckpt = fake_checkpoint(tmp_path / "c.pt", {data.fingerprint(first): {
+        "file": first.name, "slices": [0, 1]}})
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    (renamed / "scan.h5").write_bytes(first.read_bytes())
+    (renamed / "other.h5").write_bytes((tmp_path / "seed1" / first.name).read_bytes())
+    for folder, volumes, held_out in (("seed0", 1, True), ("seed1", 2, False), ("renamed", 1, True)):
+        out = tmp_path / f"o_{folder}"
+        assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(tmp_path / folder),
+                              "--out", str(out)]) == 0
+        m = json.loads((out / "metrics.json").read_text())
+        assert m["tasks"]["brain_t1_random4"]["volumes"] == volumes, folder
+        left_out = sum(m["tasks"][t]["volumes"] for t in m["tasks"]) < 2
+        assert left_out == held_out, folder
+
+
+# --- files without our attributes: real fastMRI ----------------------------------------------
+
+def fastmri_like(folder, name, acquisition, shape, ref=(24, 24), seed=0):
+    """A volume as fastMRI stores it: no mask attributes, a reference smaller than k-space."""
+    slices, coils, H, W = shape
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(slices, coils, H, W, dtype=torch.complex64, generator=g)
+    kspace = torch.fft.fftshift(torch.fft.fft2(images, norm="ortho"), dim=(-2, -1))
+    rss = images.abs().pow(2).sum(1).sqrt()
+    top, left = (H - ref[0]) // 2, (W - ref[1]) // 2
+    data.write_fastmri(folder / name, kspace, rss[:, top:top + ref[0], left:left + ref[1]],
+                       {"acquisition": acquisition})
+
+
+TINY = ["--epochs", "1", "--lower-steps", "1", "--upper-steps", "1", "--phases", "1", "--width", "2",
+        "--mask-variants", "1", "--cg-iters", "2", "--batch-size", "1", "--threads", "1"]
+
+
+def test_fastmri_files_train_with_mask_and_crop_options_and_evaluate(tmp_path, capsys):
+    root = tmp_path / "fastmri"
+    root.mkdir()
+    for v in range(3):
+        fastmri_like(root, f"knee_{v}.h5", "CORPD_FBK", (2, 2, 32, 32), seed=v)
+        fastmri_like(root, f"brain_{v}.h5", "AXT1_BRAIN", (2, 2, 28, 32), seed=10 + v)
+    out = tmp_path / "run"
+    base = ["--data", str(root), "--out", str(out), *TINY]
+    for extra, message in (
+            ([], "brain_0.h5, brain_1.h5, brain_2.h5 and 3 more: no 'mask_family' attribute "
+                 "(real fastMRI files have none); pass --mask"),
+            (["--mask", "random"], "pass --acceleration R"),
+            (["--mask", "random", "--acceleration", "4"], "pass --crop H W (at most 24 24)"),
+            (["--mask", "random", "--acceleration", "4", "--crop", "30", "30"],
+             "--crop 30 30 is larger than brain_0.h5's images (28, 32)")):
+        assert train.main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert not out.exists()  # refused before anything was written
+    options = ["--mask", "random", "--acceleration", "4", "--crop", "24", "24"]
+    assert train.main(base + options) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["seen"] == ["AXT1_BRAIN", "CORPD_FBK"]
+    assert all(np.isfinite(m["tasks"][t]["model"]["psnr"]) for t in m["seen"])
+    # evaluate takes the run's mask and crop; the other volumes of another coil count are refused
+    assert evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--data", str(root),
+                          "--out", str(tmp_path / "e"), "--seed", "0"]) == 0
+    e = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    for t in m["seen"]:
+        assert e["tasks"][t]["model"] == pytest.approx(m["tasks"][t]["model"])
+    other = tmp_path / "eight"
+    other.mkdir()
+    fastmri_like(other, "knee_8.h5", "CORPD_FBK", (1, 3, 32, 32))
+    assert evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--data", str(other),
+                          "--out", str(tmp_path / "e2")]) == 2
+    assert "knee_8.h5: 3 coils; the network takes 2" in capsys.readouterr().err
+    # a task added to the data since: the checkpoint's Ω no longer fits, said in one line
+    fastmri_like(root, "ankle_0.h5", "ANKLE", (3, 2, 32, 32))
+    assert train.main(base + options + ["--resume", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this run's data" in err and "Traceback" not in err, err
+    # training files of two coil counts
+    fastmri_like(root, "ankle_0.h5", "ANKLE", (3, 3, 32, 32))
+    assert train.main([*base[:2], "--out", str(tmp_path / "r2"), *TINY[2:], *options]) == 2
+    assert "the network takes one coil count, but the files have 2 coils" in capsys.readouterr().err
+
+
+def test_more_bad_input_exits_2_with_one_message(tmp_path, cache, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    seed_config = tmp_path / "seed.toml"
+    seed_config.write_text("seed = -1\n")
+    cases = [
+        (quick(tmp_path / "a", cache, "--seed", "-1"), "seed must be an integer >= 0, got -1"),
+        (quick(tmp_path / "a", cache, "--config", str(seed_config)), "seed must be an integer >= 0"),
+        (quick(afile, cache), f"--out {afile} is a file"),
+        (["--quick", "--out", str(tmp_path / "a"), "--cache", str(afile)], f"--cache {afile}: cannot make"),
+        (quick(tmp_path / "a", cache, "--acceleration", "0.5"), "acceleration must be >= 1, got 0.5"),
+        (quick(tmp_path / "a", cache, "--crop", "4", "64"), "crop must be two sizes >= 8"),
+    ]
+    for argv, message in cases:
+        assert train.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    ckpt = fake_checkpoint(tmp_path / "c.pt")
+    partial = tmp_path / "partial.pt"
+    torch.save({"config": {}, "trainer": {}}, partial)
+    for argv, message in (
+            (["--checkpoint", str(ckpt), "--seed", "-5", "--out", str(tmp_path / "e")], "--seed must be >= 0"),
+            (["--checkpoint", str(ckpt), "--out", str(afile)], f"--out {afile} is a file"),
+            (["--checkpoint", str(partial), "--out", str(tmp_path / "e")], "not a complete checkpoint")):
+        assert evaluate.main([*argv, "--data", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    for argv, message in ((["--snr", "nan"], "--snr must be a finite number"),
+                          (["--out", str(afile)], f"--out {afile} is a file")):
+        argv = ["generate", "--out", str(tmp_path / "g"), "--tasks", "brain_t1_random4", *argv]
+        with pytest.raises(SystemExit) as exit_:
+            data.main(argv)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+def test_quick_keeps_the_tasks_of_a_data_folder(tmp_path):
+    cfg, _ = train.resolve(["--quick", "--data", str(tmp_path)])
+    assert cfg.tasks == [] and cfg.epochs == train.QUICK["epochs"]
+    cfg, _ = train.resolve(["--quick", "--data", str(tmp_path), "--tasks", "AXT1_BRAIN"])
+    assert cfg.tasks == ["AXT1_BRAIN"]
+    assert train.resolve(["--quick"])[0].tasks == train.QUICK["tasks"]
