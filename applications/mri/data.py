@@ -284,9 +284,10 @@ def _center_crop(x: Tensor, size: Sequence[int], fname: str, what: str) -> Tenso
 class CenterCrop:
     """SliceDataset sample → the same sample with its coil images and reference centre-cropped
     to ``size`` = (h, w) (k-space: the FFT of the cropped coil images, fastMRI's way to train
-    on one size). A crop to w of W columns resamples k-space: column j of the result is column
-    j·W/w of the file's, so the header's limits of the measured columns (``padding_left``,
-    ``padding_right``) are scaled by w/W."""
+    on one size). A crop to w of W columns resamples k-space: column j of the result lies at
+    column (j − w//2)·W/w + W//2 of the file's (the centre column of either is fft2c's origin),
+    so the header's limits of the measured columns (``padding_left``, ``padding_right``) are
+    mapped back the same way; the mask rounds them inward."""
 
     def __init__(self, size: Sequence[int]) -> None:
         self.size = tuple(size)
@@ -298,9 +299,9 @@ class CenterCrop:
                                                           "coil images"))}
         if reference is not None:
             out["reference"] = _center_crop(reference, self.size, fname, "reference")
-        attrs = sample["attrs"]
-        if "padding_left" in attrs:  # (p · w) / W, the order of the exact integer cases
-            out["attrs"] = {**attrs, **{k: attrs[k] * self.size[1] / width
+        attrs, w = sample["attrs"], self.size[1]
+        if "padding_left" in attrs:  # about the centre columns W // 2 and w // 2 (fft2c's origin)
+            out["attrs"] = {**attrs, **{k: (attrs[k] - width // 2) * w / width + w // 2
                                         for k in ("padding_left", "padding_right")}}
         return out
 
@@ -449,6 +450,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         gen.error(f"--snr must be a finite number of dB, got {args.snr}")
     if args.out.exists() and not args.out.is_dir():
         gen.error(f"--out {args.out} is a file; expected a folder")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        gen.error(f"--out {args.out}: cannot make the folder ({err.strerror or err})")
     paths = generate(args.out, args.tasks, args.slices, tuple(args.size), args.coils, args.seed,
                      args.volumes, args.snr)
     print(f"{len(paths)} files in {args.out}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import pickle
 import re
 import sys
@@ -128,9 +129,16 @@ class CachedSubset(torch.utils.data.Dataset):
         return self.transforms[i // n](self.cache[i % n])
 
 
+# fastMRI's acquisitions (the task of a real file) and their anatomies
+FASTMRI_ANATOMY = {"CORPD_FBK": "knee", "CORPDFS_FBK": "knee", "AXT1": "brain", "AXT1PRE": "brain",
+                   "AXT1POST": "brain", "AXT2": "brain", "AXFLAIR": "brain"}
+
+
 def family(task: str) -> str:
-    """The anatomy (first name part) of a task: ``knee_pd_random4`` → ``knee``."""
-    return task.split("_")[0]
+    """The anatomy of a task: a fastMRI acquisition's (``CORPD_FBK`` → ``knee``, ``AXT2`` →
+    ``brain``, :data:`FASTMRI_ANATOMY`), else the first name part (``knee_pd_random4`` →
+    ``knee``)."""
+    return FASTMRI_ANATOMY.get(task, task.split("_")[0])
 
 
 def nearest(task: str, candidates: Sequence[str]) -> str:
@@ -145,8 +153,8 @@ def check_mask_settings(acceleration: float | None, center_fraction: float | Non
                         crop: Sequence[int] | None) -> None:
     """The undersampling and crop options, when given: R >= 1, a centre fraction in (0, 1),
     a crop of two sizes >= 8."""
-    if acceleration is not None and not acceleration >= 1:
-        raise UsageError(f"acceleration must be >= 1, got {acceleration}")
+    if acceleration is not None and not 1 <= acceleration < math.inf:
+        raise UsageError(f"acceleration must be a finite number >= 1, got {acceleration}")
     if center_fraction is not None and not 0 < center_fraction < 1:
         raise UsageError(f"center fraction must be in (0, 1), got {center_fraction}")
     if crop is not None and (len(crop) != 2 or min(crop) < 8):
@@ -159,13 +167,15 @@ def _files(examples: Sequence[Any], limit: int = 3) -> str:
 
 
 def check_examples(examples: Sequence[Any], *, mask: str | None = None,
-                   acceleration: float | None = None, crop: Sequence[int] | None = None,
-                   coils: int | None = None, one_size: bool = False) -> None:
+                   acceleration: float | None = None, center_fraction: float | None = None,
+                   crop: Sequence[int] | None = None, coils: int | None = None,
+                   one_size: bool = False, crop_option: str = "--crop") -> None:
     """Check from the files' metadata, before any slice is read, that the slices can be masked,
-    cropped and batched: mask settings given or in every file, ``crop`` within every image and
-    reference, a reference no larger than its image, one coil count (``coils``, else all
-    alike), and with ``one_size`` one image and reference size (what a minibatch stacks).
-    :class:`UsageError` naming the files and the option that fixes it otherwise."""
+    cropped and batched: mask settings given or in every file and a mask of each setting and
+    size can be made, ``crop`` within every image and reference, a reference no larger than its
+    image, one coil count (``coils``, else all alike), and with ``one_size`` one image and
+    reference size (what a minibatch stacks). :class:`UsageError` naming the files and the
+    option that fixes it otherwise (``crop_option`` names where the crop came from)."""
     for given, attr, option in ((mask, "mask_family", "--mask FAMILY"),
                                 (acceleration, "acceleration", "--acceleration R")):
         lacking = [ex for ex in examples if given is None and ex.attrs.get(attr) is None]
@@ -174,14 +184,19 @@ def check_examples(examples: Sequence[Any], *, mask: str | None = None,
                              f"files have none); pass {option} to say how to undersample")
     by_coils: dict[int, list] = defaultdict(list)
     sizes: dict[tuple, list] = defaultdict(list)
+    settings: dict[tuple, Any] = {}
     for ex in examples:
         c, H, W = ex.shape
         by_coils[c].append(ex)
         ref = ex.ref_shape
+        cf = center_fraction if center_fraction is not None else ex.attrs.get("center_fraction", 0.08)
+        grid = tuple(crop) if crop is not None else (H, W)
+        settings.setdefault((mask or ex.attrs["mask_family"], acceleration or ex.attrs["acceleration"],
+                             cf, grid), ex)
         if crop is not None:
             h, w = crop
             if h > H or w > W or (ref is not None and (h > ref[0] or w > ref[1])):
-                raise UsageError(f"--crop {h} {w} is larger than {ex.fname}'s images ({H}, {W})"
+                raise UsageError(f"{crop_option} {h} {w} is larger than {ex.fname}'s images ({H}, {W})"
                                  + (f" or its reference ({ref[0]}, {ref[1]})" if ref else ""))
             sizes[(h, w, h, w)].append(ex)
             continue
@@ -196,6 +211,12 @@ def check_examples(examples: Sequence[Any], *, mask: str | None = None,
         raise UsageError("the network takes one coil count, but the files have "
                          + "; ".join(f"{c} coils ({_files(exs)})" for c, exs in sorted(by_coils.items()))
                          + "; choose files of one count (--tasks, or another --data folder)")
+    for (fam, R, cf, grid), ex in settings.items():
+        try:
+            masks.make(fam, grid, float(R), float(cf), seed=0)
+        except ValueError as err:
+            raise UsageError(f"{ex.fname}: no {fam} mask of acceleration {R} and centre fraction "
+                             f"{cf} on {grid[0]}×{grid[1]}: {err}") from None
     if one_size and len(sizes) > 1:
         smallest = [min(min(s[k], s[k + 2]) for s in sizes) for k in (0, 1)]
         raise UsageError("a minibatch needs one size, but the files have images (and references) "
@@ -406,7 +427,12 @@ def models_from_checkpoint(state: dict, device: torch.device) -> dict[str, torch
     for j, name in enumerate(state["task_names"]):
         model = UnrolledRecon(net_cfg).to(device)
         prefix = f"{j}."
-        model.load_state_dict({k[len(prefix):]: v for k, v in models_state.items() if k.startswith(prefix)})
+        try:
+            model.load_state_dict({k[len(prefix):]: v for k, v in models_state.items()
+                                   if k.startswith(prefix)})
+        except RuntimeError as err:
+            raise UsageError(f"the checkpoint's weights of task model {name!r} do not fit its "
+                             f"network settings: {str(err).splitlines()[0]}") from None
         model.eval()
         out[name] = model
     return out
@@ -415,7 +441,8 @@ def models_from_checkpoint(state: dict, device: torch.device) -> dict[str, torch
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m applications.mri.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt or best.pt of a training run")
-    p.add_argument("--data", required=True, help="folder of fastMRI-layout .h5 files (real or synthetic), "
+    p.add_argument("--data", required=True, help="folder of fastMRI-layout .h5 files (real or synthetic) "
+                   "or one such file, "
                    "e.g. the training run's data folder (the first line of its train.log names it)")
     p.add_argument("--out", required=True, help="folder for metrics.json and reconstructions.png "
                    "(not a training run's folder)")
@@ -427,9 +454,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--center-fraction", type=float, default=None,
                    help="fully sampled centre fraction (default: the training run's, else each "
                    "file's attribute, else 0.08)")
-    p.add_argument("--crop", type=int, nargs=2, default=None, metavar=("H", "W"),
-                   help="centre-crop the coil images (and the reference) to H × W first "
-                   "(default: the training run's --crop, else none)")
+    crop = p.add_mutually_exclusive_group()
+    crop.add_argument("--crop", type=int, nargs=2, default=None, metavar=("H", "W"),
+                      help="centre-crop the coil images (and the reference) to H × W first "
+                      "(default: the training run's --crop, else none)")
+    crop.add_argument("--no-crop", action="store_true",
+                      help="reconstruct the files' full grid even if the run was trained with --crop")
     p.add_argument("--unseen-model", default="nearest", choices=UNSEEN_MODELS,
                    help="the model of a task that has none of its own: the nearest task's (same "
                    "anatomy first) or the average of all the task models' weights (default: nearest)")
@@ -486,6 +516,9 @@ def run(args: argparse.Namespace) -> dict:
     if any((out / f).exists() for f in ("checkpoint.pt", "config.toml")):
         raise UsageError(f"--out {out} holds a training run, whose metrics.json and figures this "
                          "would overwrite; choose another --out")
+    missing = next((p for p in [out, *out.parents] if p.exists()), None)
+    if missing is not None and not missing.is_dir():
+        raise UsageError(f"--out {out}: {missing} is a file, so the folder cannot be made there")
     if not Path(args.data).exists():
         raise UsageError(f"--data {args.data}: no such file or folder")
     if args.threads:
@@ -501,8 +534,11 @@ def run(args: argparse.Namespace) -> dict:
     settings = {name: getattr(args, name) if getattr(args, name) is not None
                 else trained_with.get(name) or None
                 for name in ("mask", "acceleration", "center_fraction", "crop")}
+    if args.no_crop:
+        settings["crop"] = None
     check_mask_settings(settings["acceleration"], settings["center_fraction"], settings["crop"])
     crop = settings["crop"]
+    crop_option = "--crop" if args.crop else "the training run's --crop (--no-crop to leave it out)"
     dataset = SliceDataset(args.data, transform=CenterCrop(crop) if crop else None)
     indices = list(range(len(dataset)))
     trained = state.get("trained_on", {})
@@ -515,8 +551,21 @@ def run(args: argparse.Namespace) -> dict:
         if left:
             print(f"left out {left} of {len(dataset)} slices that the checkpoint was trained or "
                   "validated on (--include-training scores them too)", file=sys.stderr)
+    other = [i for i in indices if dataset.examples[i].shape[0] != net_cfg.coils]
+    if other:  # e.g. fastMRI's brain data, of 4 to 20 coils
+        names = sorted({dataset.examples[i].fname for i in other})
+        if len(other) == len(indices):
+            raise UsageError(f"--data {args.data}: no file has the {net_cfg.coils} coils the "
+                             f"network takes ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''} "
+                             f"have {sorted({dataset.examples[i].shape[0] for i in other})})")
+        print(f"left out {len(names)} file(s) of another coil count than the network's "
+              f"{net_cfg.coils}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}",
+              file=sys.stderr)
+        skip = set(other)
+        indices = [i for i in indices if i not in skip]
     check_examples([dataset.examples[i] for i in indices], mask=settings["mask"],
-                   acceleration=settings["acceleration"], crop=crop, coils=net_cfg.coils)
+                   acceleration=settings["acceleration"], center_fraction=settings["center_fraction"],
+                   crop=crop, coils=net_cfg.coils, crop_option=crop_option)
     transform = ReconTransform(settings["mask"], settings["acceleration"], seed=args.seed,
                                sense=net_cfg.needs_maps, center_fraction=settings["center_fraction"])
     files = group_files(dataset, indices, transform)

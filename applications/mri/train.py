@@ -125,8 +125,9 @@ CHOICES = {"mode": ("meta", "joint"), "val_tasks": ("anatomy", "task"),
            "device": ("auto", "cpu", "cuda")}
 
 HELP = {
-    "data": "folder of fastMRI-layout .h5 files (real multicoil or generated); tasks come from "
-            "each file's task/acquisition attribute (default: the built-in synthetic catalogue)",
+    "data": "folder of fastMRI-layout .h5 files (real multicoil or generated), or one such file; "
+            "tasks come from each file's task/acquisition attribute (default: the built-in "
+            "synthetic catalogue)",
     "cache": "where the synthetic catalogue is generated and reused",
     "out": "output folder (checkpoints, metrics.json, figures, logs)",
     "tasks": "use only these tasks (default: all tasks of the data)",
@@ -137,9 +138,9 @@ HELP = {
     "mask_variants": "undersampling masks per training slice (augmentation; masks differ by seed)",
     "mask": "mask family, for files without a mask_family attribute (real fastMRI files) or to "
             "override it (default: each file's)",
-    "acceleration": "acceleration R >= 1 of --mask (default: each file's attribute)",
-    "center_fraction": "fully sampled centre fraction of the mask (default: each file's "
-                       "attribute, else 0.08)",
+    "acceleration": "acceleration R >= 1 of the mask; 0 takes each file's attribute",
+    "center_fraction": "fully sampled centre fraction of the mask, in (0, 1); 0 takes each "
+                       "file's attribute, else 0.08",
     "crop": "centre-crop the coil images and references to H × W before undersampling, so that "
             "volumes of other sizes batch together (fastMRI: 320 320) (default: no crop)",
     "mode": "meta: learn W = σ(Ω); joint: uniform weights (the baseline)",
@@ -376,6 +377,28 @@ def split(dataset: SliceDataset, cfg: TrainConfig) -> dict[str, Any]:
     return {"seen": seen, "unseen": [t for t in tasks if t in held], "parts": parts}
 
 
+def trained_slices(dataset: SliceDataset, plan: dict) -> dict[str, dict]:
+    """Fingerprint → {"file", "slices"} of the training and validation slices: what evaluate
+    leaves out, in any folder and under any name (:func:`data.fingerprint`)."""
+    out: dict[str, dict] = {}
+    prints: dict[Path, str] = {}
+    for t in plan["seen"]:
+        for i in plan["parts"][t]["train"] + plan["parts"][t]["val"]:
+            ex = dataset.examples[i]
+            if ex.path not in prints:
+                prints[ex.path] = fingerprint(ex.path)
+            out.setdefault(prints[ex.path], {"file": Path(ex.fname).name, "slices": []})["slices"].append(ex.slice)
+    return {k: {**v, "slices": sorted(v["slices"])} for k, v in sorted(out.items())}
+
+
+def _same_slices(now: dict, before: dict) -> bool:
+    """Whether two :func:`trained_slices` name the same slices of the same volumes (by name for
+    a checkpoint from before fingerprints, whose entries are file name → slices)."""
+    if any(not isinstance(v, dict) for v in before.values()):
+        return {v["file"]: v["slices"] for v in now.values()} == before
+    return {k: v["slices"] for k, v in now.items()} == {k: v["slices"] for k, v in before.items()}
+
+
 # --- training --------------------------------------------------------------------------------
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -503,7 +526,14 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
                              + ("; the run there stopped before its first epoch ended, start it "
                                 "again without --resume" if unfinished else ""))
         state = load_checkpoint(out / "checkpoint.pt", "cpu")
-        saved = TrainConfig(**state["config"])
+        lacking = [k for k in ("torch_rng", "trained_on") if k not in state]
+        try:
+            saved = TrainConfig(**state["config"])
+        except TypeError as err:  # an option this version does not have
+            lacking.append(f"config ({err})")
+        if lacking:
+            raise UsageError(f"--resume: {out / 'checkpoint.pt'} is not a complete checkpoint of "
+                             f"this version of applications.mri.train: {', '.join(lacking)}")
         changed = [k for k in given if k in FIXED_ON_RESUME and getattr(cfg, k) != getattr(saved, k)]
         if changed:
             free = sorted(f.name for f in dataclasses.fields(TrainConfig) if f.name not in FIXED_ON_RESUME)
@@ -527,7 +557,8 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
     plan = split(dataset, cfg)
     used = {t: [dataset.examples[i] for part in plan["parts"][t].values() for i in part]
             for t in plan["parts"]}
-    mask_options = dict(mask=cfg.mask or None, acceleration=cfg.acceleration or None, crop=cfg.crop or None)
+    mask_options = dict(mask=cfg.mask or None, acceleration=cfg.acceleration or None,
+                        center_fraction=cfg.center_fraction or None, crop=cfg.crop or None)
     check_examples([ex for exs in used.values() for ex in exs], **mask_options)
     check_examples([ex for t in plan["seen"] for ex in used[t]], one_size=True, **mask_options)
     coils = used[plan["seen"][0]][0].shape[0]
@@ -565,7 +596,12 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
         groups_per_step=cfg.groups_per_step or None,
         shared=shared, costate=costate_solver(cfg.costate, cfg.checkpoints), seed=cfg.seed,
         collate=lambda items: {k: v.to(device) for k, v in default_collate(items).items()})
+    trained_on = trained_slices(dataset, plan)
     if state is not None:
+        if not _same_slices(trained_on, state["trained_on"]):
+            raise UsageError(f"--resume: --data {root} does not hold the volumes the run trained and "
+                             "validated on (their fingerprints differ); point --data at the run's "
+                             "data (a copy of it is fine)")
         try:
             trainer.load_state_dict(state["trainer"])
         except (KeyError, ValueError, RuntimeError) as err:
@@ -596,18 +632,8 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
             values.append(float(loss(m, batch)))
         return values
 
-    # fingerprint → file name and slices: evaluate skips them in any folder, under any name
-    trained_on: dict[str, dict] = {}
-    prints: dict[Path, str] = {}
-    for t in plan["seen"]:
-        for i in plan["parts"][t]["train"] + plan["parts"][t]["val"]:
-            ex = dataset.examples[i]
-            if ex.path not in prints:
-                prints[ex.path] = fingerprint(ex.path)
-            entry = trained_on.setdefault(prints[ex.path], {"file": Path(ex.fname).name, "slices": []})
-            entry["slices"].append(ex.slice)
     meta = {"config": dataclasses.asdict(cfg), "network": dataclasses.asdict(net_cfg),
-            "trained_on": {k: {**v, "slices": sorted(v["slices"])} for k, v in sorted(trained_on.items())},
+            "trained_on": trained_on,
             "task_names": val_names, "group_names": plan["seen"], "seen_tasks": plan["seen"],
             "unseen_tasks": plan["unseen"], "best": state.get("best", float("inf")) if state else float("inf")}
     log.info("data %s: seen %s, unseen %s; W is %d groups x %d validation tasks", root,

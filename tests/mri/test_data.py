@@ -95,6 +95,22 @@ def test_reads_real_fastmri_layout(tmp_path):
         data.MaskTransform()(sample)
 
 
+@pytest.mark.parametrize("W,w", [(41, 40), (41, 32), (40, 33), (37, 36), (368, 320)])
+def test_crop_never_samples_the_padding_band(W, w):
+    """Column j of a crop to w columns lies at (j − w//2)·W/w + W//2 of the W columns (the
+    centre column of each is the FFT's origin): no sampled column may lie outside the measured
+    band [left, right)."""
+    left, right = W // 10, W - W // 10
+    sample = {"kspace": torch.randn(2, 16, W, dtype=torch.complex64), "reference": None,
+              "attrs": {"task": "x", "padding_left": left, "padding_right": right},
+              "fname": "x.h5", "slice": 0}
+    for seed in range(10):
+        mask = data.MaskTransform("random", 1.5, seed=seed, crop=(16, w))(sample)["mask"][0, 0]
+        columns = mask.nonzero().flatten().double()
+        at = (columns - w // 2) * W / w + W // 2
+        assert columns.numel() and at.min() >= left and at.max() < right, (seed, at.min(), at.max())
+
+
 def test_reference_missing_is_none_and_target_is_rss(tmp_path):
     _raw_fastmri(tmp_path / "test.h5", rss=False)
     sample = data.SliceDataset(tmp_path)[0]

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -410,7 +411,8 @@ def test_resume_uses_the_checkpoint_config_with_given_options_on_top(tmp_path, m
     out.mkdir()
     saved = train.TrainConfig(epochs=6, share_initial=False, lr=0.01, width=5, out=str(out),
                               data=str(tmp_path))
-    torch.save({"config": dataclasses.asdict(saved), "trainer": {}}, out / "checkpoint.pt")
+    torch.save({"config": dataclasses.asdict(saved), "trainer": {}, "torch_rng": torch.get_rng_state(),
+                "trained_on": {}}, out / "checkpoint.pt")
     seen = {}
 
     def stop(cfg, rank):
@@ -434,7 +436,8 @@ def test_resume_refuses_to_change_the_network_or_data(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     saved = train.TrainConfig(width=5, out=str(out))
-    torch.save({"config": dataclasses.asdict(saved), "trainer": {}}, out / "checkpoint.pt")
+    torch.save({"config": dataclasses.asdict(saved), "trainer": {}, "torch_rng": torch.get_rng_state(),
+                "trained_on": {}}, out / "checkpoint.pt")
     (out / "config.toml").write_text("width = 5\n")
     assert train.main(["--out", str(out), "--resume", "--width", "8", "--phases", "4"]) == 2
     err = capsys.readouterr().err
@@ -646,46 +649,72 @@ def test_fastmri_files_train_with_mask_and_crop_options_and_evaluate(tmp_path, c
     root.mkdir()
     for v in range(3):
         fastmri_like(root, f"knee_{v}.h5", "CORPD_FBK", (2, 2, 32, 32), seed=v)
-        fastmri_like(root, f"brain_{v}.h5", "AXT1_BRAIN", (2, 2, 28, 32), seed=10 + v)
+        fastmri_like(root, f"brain_{v}.h5", "AXT1", (2, 2, 28, 32), seed=10 + v)
     out = tmp_path / "run"
     base = ["--data", str(root), "--out", str(out), *TINY]
+    mask = ["--mask", "random", "--acceleration", "4"]
     for extra, message in (
             ([], "brain_0.h5, brain_1.h5, brain_2.h5 and 3 more: no 'mask_family' attribute "
                  "(real fastMRI files have none); pass --mask"),
             (["--mask", "random"], "pass --acceleration R"),
-            (["--mask", "random", "--acceleration", "4"], "pass --crop H W (at most 24 24)"),
-            (["--mask", "random", "--acceleration", "4", "--crop", "30", "30"],
-             "--crop 30 30 is larger than brain_0.h5's images (28, 32)")):
+            (mask, "pass --crop H W (at most 24 24)"),
+            ([*mask, "--crop", "30", "30"], "--crop 30 30 is larger than brain_0.h5's images (28, 32)"),
+            (["--mask", "random", "--acceleration", "inf"], "acceleration must be a finite number >= 1"),
+            ([*mask, "--center-fraction", "0.5", "--crop", "24", "24"],
+             "no random mask of acceleration 4.0 and centre fraction 0.5 on 24×24")):
         assert train.main(base + extra) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
         assert not out.exists()  # refused before anything was written
-    options = ["--mask", "random", "--acceleration", "4", "--crop", "24", "24"]
+    options = [*mask, "--crop", "24", "24"]
     assert train.main(base + options) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["seen"] == ["AXT1_BRAIN", "CORPD_FBK"]
+    assert m["seen"] == ["AXT1", "CORPD_FBK"] and m["weights"]["tasks"] == ["brain", "knee"]
     assert all(np.isfinite(m["tasks"][t]["model"]["psnr"]) for t in m["seen"])
-    # evaluate takes the run's mask and crop; the other volumes of another coil count are refused
-    assert evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--data", str(root),
-                          "--out", str(tmp_path / "e"), "--seed", "0"]) == 0
+    # evaluate takes the run's mask and crop, or the full grid with --no-crop
+    ckpt = ["--checkpoint", str(out / "checkpoint.pt")]
+    assert evaluate.main([*ckpt, "--data", str(root), "--out", str(tmp_path / "e"), "--seed", "0"]) == 0
     e = json.loads((tmp_path / "e" / "metrics.json").read_text())
     for t in m["seen"]:
         assert e["tasks"][t]["model"] == pytest.approx(m["tasks"][t]["model"])
-    other = tmp_path / "eight"
-    other.mkdir()
-    fastmri_like(other, "knee_8.h5", "CORPD_FBK", (1, 3, 32, 32))
-    assert evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), "--data", str(other),
-                          "--out", str(tmp_path / "e2")]) == 2
-    assert "knee_8.h5: 3 coils; the network takes 2" in capsys.readouterr().err
-    # a task added to the data since: the checkpoint's Ω no longer fits, said in one line
-    fastmri_like(root, "ankle_0.h5", "ANKLE", (3, 2, 32, 32))
-    assert train.main(base + options + ["--resume", "--epochs", "2"]) == 2
+    assert evaluate.main([*ckpt, "--data", str(root), "--out", str(tmp_path / "e1"), "--no-crop"]) == 0
+    small = tmp_path / "small"
+    small.mkdir()
+    fastmri_like(small, "knee_s.h5", "CORPD_FBK", (1, 2, 20, 20), ref=(16, 16))
+    assert evaluate.main([*ckpt, "--data", str(small), "--out", str(tmp_path / "e2")]) == 2
+    assert "the training run's --crop (--no-crop to leave it out) 24 24 is larger than knee_s.h5" \
+        in capsys.readouterr().err
+    # files of another coil count than the network's are left out, with a word; none left: refused
+    fastmri_like(small, "knee_3.h5", "CORPD_FBK", (1, 3, 32, 32))
+    fastmri_like(small, "knee_s.h5", "CORPD_FBK", (1, 2, 32, 32), seed=99)
+    assert evaluate.main([*ckpt, "--data", str(small), "--out", str(tmp_path / "e3")]) == 0
+    assert "left out 1 file(s) of another coil count than the network's 2: knee_3.h5" \
+        in capsys.readouterr().err
+    (small / "knee_s.h5").unlink()
+    assert evaluate.main([*ckpt, "--data", str(small), "--out", str(tmp_path / "e4")]) == 2
+    assert "no file has the 2 coils the network takes (knee_3.h5 have [3])" in capsys.readouterr().err
+    # --resume reads the run's data from any folder, but not other data under the same names
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    assert train.main([*base, *options, "--data", str(copy), "--resume", "--epochs", "2"]) == 0
+    for v in range(3):
+        fastmri_like(copy, f"knee_{v}.h5", "CORPD_FBK", (2, 2, 32, 32), seed=20 + v)
+    config = (out / "config.toml").read_text()
+    assert train.main([*base, *options, "--data", str(copy), "--resume", "--epochs", "3"]) == 2
     err = capsys.readouterr().err
-    assert "does not fit this run's data" in err and "Traceback" not in err, err
+    assert "does not hold the volumes the run trained and validated on" in err, err
+    assert (out / "config.toml").read_text() == config
     # training files of two coil counts
     fastmri_like(root, "ankle_0.h5", "ANKLE", (3, 3, 32, 32))
     assert train.main([*base[:2], "--out", str(tmp_path / "r2"), *TINY[2:], *options]) == 2
     assert "the network takes one coil count, but the files have 2 coils" in capsys.readouterr().err
+
+
+def test_fastmri_acquisitions_have_their_anatomy():
+    assert [evaluate.family(t) for t in ("CORPD_FBK", "CORPDFS_FBK", "AXT2", "AXFLAIR", "AXT1POST",
+                                         "knee_pd_random4", "PELVIS_T2")] == \
+        ["knee", "knee", "brain", "brain", "brain", "knee", "PELVIS"]
+    assert evaluate.nearest("AXFLAIR", ["knee", "brain"]) == "brain"
 
 
 def test_more_bad_input_exits_2_with_one_message(tmp_path, cache, capsys):
@@ -698,7 +727,7 @@ def test_more_bad_input_exits_2_with_one_message(tmp_path, cache, capsys):
         (quick(tmp_path / "a", cache, "--config", str(seed_config)), "seed must be an integer >= 0"),
         (quick(afile, cache), f"--out {afile} is a file"),
         (["--quick", "--out", str(tmp_path / "a"), "--cache", str(afile)], f"--cache {afile}: cannot make"),
-        (quick(tmp_path / "a", cache, "--acceleration", "0.5"), "acceleration must be >= 1, got 0.5"),
+        (quick(tmp_path / "a", cache, "--acceleration", "0.5"), "acceleration must be a finite number >= 1"),
         (quick(tmp_path / "a", cache, "--crop", "4", "64"), "crop must be two sizes >= 8"),
     ]
     for argv, message in cases:
@@ -708,15 +737,31 @@ def test_more_bad_input_exits_2_with_one_message(tmp_path, cache, capsys):
     ckpt = fake_checkpoint(tmp_path / "c.pt")
     partial = tmp_path / "partial.pt"
     torch.save({"config": {}, "trainer": {}}, partial)
+    state = torch.load(ckpt, weights_only=True)
+    state["trainer"]["models"].pop(next(iter(state["trainer"]["models"])))
+    torch.save(state, tmp_path / "lacking.pt")
     for argv, message in (
             (["--checkpoint", str(ckpt), "--seed", "-5", "--out", str(tmp_path / "e")], "--seed must be >= 0"),
             (["--checkpoint", str(ckpt), "--out", str(afile)], f"--out {afile} is a file"),
-            (["--checkpoint", str(partial), "--out", str(tmp_path / "e")], "not a complete checkpoint")):
+            (["--checkpoint", str(ckpt), "--out", str(afile / "sub")], f"{afile} is a file, so the folder"),
+            (["--checkpoint", str(partial), "--out", str(tmp_path / "e")], "not a complete checkpoint"),
+            (["--checkpoint", str(tmp_path / "lacking.pt"), "--out", str(tmp_path / "e")],
+             "the checkpoint's weights of task model 'brain' do not fit its network settings")):
         assert evaluate.main([*argv, "--data", str(tmp_path)]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+    # checkpoints --resume cannot continue: of another version, or missing the RNG state
+    for i, state in enumerate(({"config": {"epochz": 3}, "trainer": {}, "torch_rng": 0, "trained_on": {}},
+                               {"config": {}, "trainer": {}, "trained_on": {}})):
+        (tmp_path / f"r{i}").mkdir()
+        torch.save(state, tmp_path / f"r{i}" / "checkpoint.pt")
+        assert train.main(["--out", str(tmp_path / f"r{i}"), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert "is not a complete checkpoint of this version" in err and "Traceback" not in err, err
+        assert ("epochz" if i == 0 else "torch_rng") in err
     for argv, message in ((["--snr", "nan"], "--snr must be a finite number"),
-                          (["--out", str(afile)], f"--out {afile} is a file")):
+                          (["--out", str(afile)], f"--out {afile} is a file"),
+                          (["--out", str(afile / "sub")], "cannot make the folder (Not a directory)")):
         argv = ["generate", "--out", str(tmp_path / "g"), "--tasks", "brain_t1_random4", *argv]
         with pytest.raises(SystemExit) as exit_:
             data.main(argv)
