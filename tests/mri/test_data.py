@@ -95,6 +95,20 @@ def test_reads_real_fastmri_layout(tmp_path):
         data.MaskTransform()(sample)
 
 
+def test_fingerprint_follows_the_content_not_the_name(tmp_path):
+    kspace = torch.randn(2, 3, 16, 12, dtype=torch.complex64)
+    reference = torch.rand(2, 16, 12)
+    a = data.write_fastmri(tmp_path / "a.h5", kspace, reference, {"task": "t"})
+    b = data.write_fastmri(tmp_path / "sub" / "b.h5", kspace, reference, {"task": "other"})
+    assert data.fingerprint(a) == data.fingerprint(b)
+    changed = kspace.clone()
+    changed[0, 0, 8, 5] += 1e-3  # one value of the central rows of the first slice and coil
+    c = data.write_fastmri(tmp_path / "c.h5", changed, reference, {"task": "t"})
+    assert data.fingerprint(c) != data.fingerprint(a)
+    with pytest.raises(data.DataError, match="cannot read its k-space"):
+        data.fingerprint(tmp_path / "missing.h5")
+
+
 @pytest.mark.parametrize("W,w", [(41, 40), (41, 32), (40, 33), (37, 36), (368, 320)])
 def test_crop_never_samples_the_padding_band(W, w):
     """Column j of a crop to w columns lies at (j − w//2)·W/w + W//2 of the W columns (the
