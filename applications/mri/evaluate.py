@@ -66,9 +66,11 @@ class ReconTransform:
 
     def __init__(self, family: str | None = None, acceleration: float | None = None,
                  seed: int = 0, sense: bool = False, calib: int = 24,
-                 maps_cache: dict | None = None, center_fraction: float | None = None):
+                 maps_cache: dict | None = None, center_fraction: float | None = None,
+                 budget: MemoryBudget | None = None):
         self.masking = MaskTransform(family, acceleration, center_fraction, seed=seed)
         self.sense, self.calib, self.maps_cache = sense, calib, maps_cache
+        self.budget = budget or MemoryBudget()
 
     def __call__(self, sample: dict) -> dict:
         out = self.masking(sample)
@@ -96,12 +98,38 @@ class ReconTransform:
             sens = sensitivities.estimate(masked, self.calib)
         except ValueError:  # the profiles read the whole sampled centre disc: not cached
             return sensitivities.profiles(masked)
-        self.maps_cache[key] = (kspace, sens)
+        if self.budget.take(kspace, sens):
+            self.maps_cache[key] = (kspace, sens)
         return sens
 
 
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, Tensor):
+        return obj.element_size() * obj.nelement()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    return 0
+
+
+class MemoryBudget:
+    """The bytes that caches sharing this object may still keep (``None``: no limit). What no
+    longer fits is recomputed (re-read) each time it is needed: the same numbers, more time."""
+
+    def __init__(self, nbytes: float | None = None):
+        self.left = math.inf if nbytes is None else nbytes
+
+    def take(self, *objs: Any) -> bool:
+        """Whether ``objs`` (tensors, dicts of them) fit; if so their bytes are taken."""
+        n = sum(_nbytes(o) for o in objs)
+        if n > self.left:
+            return False
+        self.left -= n
+        return True
+
+
 class CachedSubset(torch.utils.data.Dataset):
-    """The slices ``indices`` of a dataset, transformed, read from disk once.
+    """The slices ``indices`` of a dataset, transformed, read from disk once while ``budget``
+    (a :class:`MemoryBudget`, shared by several subsets; default: no limit) lasts.
 
     With one transform the transformed samples are kept; with several (e.g. the same
     undersampling with different mask seeds, for augmentation) the dataset has
@@ -110,23 +138,46 @@ class CachedSubset(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset: SliceDataset, indices: Sequence[int],
-                 transforms: Callable | Sequence[Callable]):
+                 transforms: Callable | Sequence[Callable], budget: MemoryBudget | None = None):
         self.dataset, self.indices = dataset, list(indices)
         self.transforms = list(transforms) if isinstance(transforms, Sequence) else [transforms]
         self.cache: dict[int, dict] = {}
+        self.budget = budget or MemoryBudget()
 
     def __len__(self) -> int:
         return len(self.indices) * len(self.transforms)
 
+    def _kept(self, key: int, make: Callable[[], dict]) -> dict:
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = make()
+            if self.budget.take(hit):
+                self.cache[key] = hit
+        return hit
+
     def __getitem__(self, i: int) -> dict:
         n = len(self.indices)
         if len(self.transforms) == 1:
-            if i not in self.cache:
-                self.cache[i] = self.transforms[0](self.dataset[self.indices[i]])
-            return self.cache[i]
-        if i % n not in self.cache:
-            self.cache[i % n] = self.dataset[self.indices[i % n]]
-        return self.transforms[i // n](self.cache[i % n])
+            return self._kept(i, lambda: self.transforms[0](self.dataset[self.indices[i]]))
+        raw = self._kept(i % n, lambda: self.dataset[self.indices[i % n]])
+        return self.transforms[i // n](raw)
+
+
+class Slices(Sequence):
+    """Slices ``indices`` of a dataset under ``transform``, read and transformed each time
+    they are indexed (nothing kept: a folder of any size evaluates in the memory of one
+    volume); slicing gives a :class:`Slices` again."""
+
+    def __init__(self, dataset: SliceDataset, indices: Sequence[int], transform: Callable):
+        self.dataset, self.indices, self.transform = dataset, list(indices), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Slices(self.dataset, self.indices[i], self.transform)
+        return self.transform(self.dataset[self.indices[i]])
 
 
 # fastMRI's acquisitions (the task of a real file) and their anatomies
@@ -369,13 +420,13 @@ def table(results: dict) -> str:
 
 
 def group_files(dataset: SliceDataset, indices: Sequence[int], transform: Callable
-                ) -> dict[str, dict[str, list[dict]]]:
-    """task → fname → transformed samples (slice order) for the given dataset indices."""
-    files: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+                ) -> dict[str, dict[str, Slices]]:
+    """task → fname → the transformed samples (slice order, :class:`Slices`: made when used)."""
+    files: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i in sorted(indices, key=lambda i: (dataset.examples[i].fname, dataset.examples[i].slice)):
         ex = dataset.examples[i]
-        files[ex.attrs["task"]][ex.fname].append(transform(dataset[i]))
-    return {t: dict(v) for t, v in files.items()}
+        files[ex.attrs["task"]][ex.fname].append(i)
+    return {t: {f: Slices(dataset, idx, transform) for f, idx in v.items()} for t, v in files.items()}
 
 
 # --- CLI -------------------------------------------------------------------------------------

@@ -40,9 +40,9 @@ except ModuleNotFoundError:  # Python 3.10
 import bilevelkit as bk
 from applications.mri import masks, phantoms
 from applications.mri.data import CenterCrop, DataError, SliceDataset, fingerprint, generate
-from applications.mri.evaluate import (CachedSubset, ReconTransform, UsageError, check_examples,
-                                       check_mask_settings, evaluate_tasks, family, group_files,
-                                       load_checkpoint, pick_device, table)
+from applications.mri.evaluate import (CachedSubset, MemoryBudget, ReconTransform, UsageError,
+                                       check_examples, check_mask_settings, evaluate_tasks, family,
+                                       group_files, load_checkpoint, pick_device, table)
 from applications.mri.losses import ReconLoss
 from applications.mri.network import NetworkConfig, UnrolledRecon
 
@@ -95,6 +95,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 1
+    memory_gb: float = 4.0
 
     def network(self, coils: int) -> NetworkConfig:
         """The :class:`NetworkConfig` these options ask for, for data with ``coils`` coils."""
@@ -169,6 +170,8 @@ HELP = {
                        "cheaper estimate of the weighted sum); 0: all groups",
     "batch_size": "slices per training group in a minibatch", "lr": "lower-level Adam learning rate",
     "meta_lr": "Adam learning rate of Ω", "seed": "seed of data, masks, initialisation and minibatches",
+    "memory_gb": "GiB of slices (and coil maps) kept in memory between epochs; beyond it they "
+                 "are read and computed again each time (the same results, slower)",
     "device": "auto picks CUDA when present", "threads": "torch CPU threads (0: torch's own choice); the tensors are small, and on a "
                "shared 2-core machine 2 threads measured up to 4x slower than 1",
 }
@@ -291,6 +294,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.mask and cfg.mask not in masks.FAMILIES:
         raise UsageError(f"mask must be one of {', '.join(masks.FAMILIES)}, got {cfg.mask!r}")
     check_mask_settings(cfg.acceleration or None, cfg.center_fraction or None, cfg.crop or None)
+    if not (math.isfinite(cfg.memory_gb) and cfg.memory_gb >= 0):
+        raise UsageError(f"memory_gb must be a finite number >= 0, got {cfg.memory_gb}")
     for name in ("lr", "meta_lr", "inner_lr"):
         if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
             raise UsageError(f"{name} must be a finite number > 0, got {getattr(cfg, name)}")
@@ -564,13 +569,14 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
     coils = used[plan["seen"][0]][0].shape[0]
     net_cfg = cfg.network(coils)
     maps: dict = {}  # ESPIRiT maps, shared by the mask draws (see ReconTransform)
+    budget = MemoryBudget(cfg.memory_gb * 2**30)  # of the slices and maps kept
     masking = dict(family=cfg.mask or None, acceleration=cfg.acceleration or None,
                    center_fraction=cfg.center_fraction or None, sense=net_cfg.needs_maps,
-                   maps_cache=maps)
+                   maps_cache=maps, budget=budget)
     transform = ReconTransform(seed=cfg.seed, **masking)
     variants = [ReconTransform(seed=cfg.seed + 1000 * (v + 1), **masking)
                 for v in range(cfg.mask_variants)]
-    groups = [CachedSubset(dataset, plan["parts"][t]["train"], variants) for t in plan["seen"]]
+    groups = [CachedSubset(dataset, plan["parts"][t]["train"], variants, budget) for t in plan["seen"]]
     if cfg.val_tasks == "anatomy":
         val_names = sorted({family(t) for t in plan["seen"]})
         val_index = {v: [i for t in plan["seen"] if family(t) == v for i in plan["parts"][t]["val"]]
@@ -578,7 +584,7 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
     else:
         val_names = list(plan["seen"])
         val_index = {t: plan["parts"][t]["val"] for t in plan["seen"]}
-    val_sets = [CachedSubset(dataset, val_index[v], transform) for v in val_names]
+    val_sets = [CachedSubset(dataset, val_index[v], transform, budget) for v in val_names]
 
     torch.manual_seed(cfg.seed)
     model = UnrolledRecon(net_cfg).to(device)

@@ -29,6 +29,11 @@ def quick(out, cache, *extra):
     return ["--quick", "--out", str(out), "--cache", cache, "--threads", "1", *extra]
 
 
+# a tiny network and budget, for runs on generated data
+TINY = ["--epochs", "1", "--lower-steps", "1", "--upper-steps", "1", "--phases", "1", "--width", "2",
+        "--mask-variants", "1", "--cg-iters", "2", "--batch-size", "1", "--threads", "1"]
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("run")
@@ -566,6 +571,38 @@ def test_tiny_run_val_tasks_and_metrics(tmp_path):
     assert [float(x) for x in rows[1].split(",")[2:]] == pytest.approx(W[0], abs=1e-6)
 
 
+def test_a_memory_budget_changes_no_number(tmp_path):
+    """Slices and maps that do not fit --memory-gb are read and computed again: the same
+    weights, bit for bit, as a run that keeps everything."""
+    root = tmp_path / "data"
+    data.generate(root, tasks=["brain_t1_random4", "knee_pd_equispaced4"], slices=2, size=(32, 32),
+                  coils=2, volumes=3, progress=False)
+    runs = {}
+    for gb in ("4", "0", "0.0001"):  # everything kept, nothing, some
+        out = tmp_path / f"run{gb}"
+        assert train.main(["--data", str(root), "--out", str(out), *TINY, "--epochs", "2",
+                           "--memory-gb", gb]) == 0
+        runs[gb] = final_weights(out)
+    for gb in ("0", "0.0001"):
+        assert torch.equal(runs[gb][1], runs["4"][1])
+        for k in runs["4"][0]:
+            assert torch.equal(runs[gb][0][k], runs["4"][0][k]), (gb, k)
+
+
+def test_cached_subset_keeps_what_the_budget_allows(tmp_path):
+    data.generate(tmp_path, tasks=["brain_t1_random4"], slices=3, size=(16, 16), coils=2, volumes=1,
+                  progress=False)
+    ds = data.SliceDataset(tmp_path)
+    one = evaluate._nbytes(ds[0])
+    budget = evaluate.MemoryBudget(2.5 * one)
+    subset = evaluate.CachedSubset(ds, [0, 1, 2], [lambda s: s, lambda s: s], budget)
+    assert len(subset) == 6 and all(torch.equal(subset[i]["kspace"], ds[i % 3]["kspace"]) for i in range(6))
+    assert sorted(subset.cache) == [0, 1] and budget.left == pytest.approx(0.5 * one)
+    lazy = evaluate.group_files(ds, [2, 0], lambda s: s["slice"])["brain_t1_random4"]
+    (volume,) = lazy.values()
+    assert list(volume) == [0, 2] and list(volume[1:]) == [2] and len(volume) == 2
+
+
 # --- evaluate CLI ------------------------------------------------------------------------------
 
 def fake_checkpoint(path, trained_on=None):
@@ -638,10 +675,6 @@ def fastmri_like(folder, name, acquisition, shape, ref=(24, 24), seed=0):
     top, left = (H - ref[0]) // 2, (W - ref[1]) // 2
     data.write_fastmri(folder / name, kspace, rss[:, top:top + ref[0], left:left + ref[1]],
                        {"acquisition": acquisition})
-
-
-TINY = ["--epochs", "1", "--lower-steps", "1", "--upper-steps", "1", "--phases", "1", "--width", "2",
-        "--mask-variants", "1", "--cg-iters", "2", "--batch-size", "1", "--threads", "1"]
 
 
 def test_fastmri_files_train_with_mask_and_crop_options_and_evaluate(tmp_path, capsys):
@@ -729,6 +762,7 @@ def test_more_bad_input_exits_2_with_one_message(tmp_path, cache, capsys):
         (["--quick", "--out", str(tmp_path / "a"), "--cache", str(afile)], f"--cache {afile}: cannot make"),
         (quick(tmp_path / "a", cache, "--acceleration", "0.5"), "acceleration must be a finite number >= 1"),
         (quick(tmp_path / "a", cache, "--crop", "4", "64"), "crop must be two sizes >= 8"),
+        (quick(tmp_path / "a", cache, "--memory-gb", "-1"), "memory_gb must be a finite number >= 0"),
     ]
     for argv, message in cases:
         assert train.main(argv) == 2
