@@ -2,8 +2,8 @@
 
 Reconstructs every slice of every file under ``--data`` (real fastMRI multicoil files or the
 synthetic ones) except the slices the checkpoint was trained or validated on (unless
-``--include-training``), with undersampling from the file's task attributes or ``--mask``/
-``--acceleration``, and compares the model with zero-filled RSS and CG-SENSE (coil maps
+``--include-training``), with the undersampling and crop of ``--mask``/``--acceleration``/
+``--center-fraction``/``--crop``, else the training run's, else the file's attributes, and compares the model with zero-filled RSS and CG-SENSE (coil maps
 estimated from the fully sampled centre). Metrics follow fastMRI: per volume, data range = the
 volume's maximum, then averaged over the volumes of a task. Writes ``metrics.json`` (layout
 below) and ``reconstructions.png`` (per task: reference, model, zero-filled, CG-SENSE and
@@ -103,27 +103,34 @@ class ReconTransform:
         return sens
 
 
-def _nbytes(obj: Any) -> int:
+def _storages(obj: Any) -> dict[int, int]:
+    """Storage address → bytes of the tensors in ``obj`` (a tensor, or dicts/tuples of them)."""
     if isinstance(obj, Tensor):
-        return obj.element_size() * obj.nelement()
+        storage = obj.untyped_storage()
+        return {storage.data_ptr(): storage.nbytes()}
     if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
-    return 0
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return {k: v for o in obj for k, v in _storages(o).items()}
+    return {}
 
 
 class MemoryBudget:
-    """The bytes that caches sharing this object may still keep (``None``: no limit). What no
-    longer fits is recomputed (re-read) each time it is needed: the same numbers, more time."""
+    """The bytes that caches sharing this object (in one process) may still keep (``None``: no
+    limit); a tensor kept by two caches counts once. What no longer fits is read or computed
+    again each time it is needed: the same numbers, more time."""
 
     def __init__(self, nbytes: float | None = None):
         self.left = math.inf if nbytes is None else nbytes
+        self.counted: set[int] = set()
 
     def take(self, *objs: Any) -> bool:
-        """Whether ``objs`` (tensors, dicts of them) fit; if so their bytes are taken."""
-        n = sum(_nbytes(o) for o in objs)
-        if n > self.left:
+        """Whether ``objs`` (tensors, dicts of them) fit; if so their new bytes are taken."""
+        new = {k: v for k, v in _storages(objs).items() if k not in self.counted}
+        if sum(new.values()) > self.left:
             return False
-        self.left -= n
+        self.left -= sum(new.values())
+        self.counted.update(new)
         return True
 
 
@@ -377,7 +384,7 @@ def evaluate_tasks(models: dict[str, torch.nn.Module], files: dict[str, dict[str
                 half = max(1, len(volumes[names[0]]) // 2)
                 adapt_data = volumes[names[0]][:half]
                 volumes = {names[0]: volumes[names[0]][half:] or adapt_data}
-            model = adapt(model, adapt_data, adapt_steps, device=device)
+            model = adapt(model, list(adapt_data), adapt_steps, device=device)  # read once
         per_volume = []
         for i, name in enumerate(names):
             recons = [reconstruct(model, item, device) for item in volumes[name]]

@@ -26,7 +26,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -270,12 +270,14 @@ def resolve(argv: Sequence[str] | None) -> tuple[TrainConfig, argparse.Namespace
     values.update(from_file)
     values.update(given)
     cfg = TrainConfig(**values)
-    validate(cfg)
+    # with --resume, task names are checked once merged with the run's own options (its --data)
+    validate(cfg, tasks=not getattr(args, "resume", False))
     args.given = sorted({*from_file, *given})
     return cfg, args
 
 
-def validate(cfg: TrainConfig) -> None:
+def validate(cfg: TrainConfig, tasks: bool = True) -> None:
+    """Every option's type and range; with ``tasks``, the task names of the synthetic catalogue."""
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
             raise UsageError(f"{name} must be one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
@@ -301,7 +303,7 @@ def validate(cfg: TrainConfig) -> None:
             raise UsageError(f"{name} must be a finite number > 0, got {getattr(cfg, name)}")
     if cfg.kernel % 2 == 0:
         raise UsageError(f"kernel must be odd, got {cfg.kernel}")
-    if not cfg.data:
+    if tasks and not cfg.data:
         unknown = [t for t in [*cfg.tasks, *cfg.unseen] if t not in phantoms.TASKS]
         if unknown:
             raise UsageError(f"unknown task(s) {', '.join(unknown)}; the synthetic catalogue has: "
@@ -332,7 +334,8 @@ def data_root(cfg: TrainConfig, rank: int) -> Path:
     H, W = cfg.size
     cache = Path(cfg.cache).expanduser()
     root = cache / f"{H}x{W}-c{cfg.coils}-s{cfg.slices}-v{cfg.volumes}-seed{cfg.seed}"
-    if rank == 0:
+
+    def make() -> None:
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -340,9 +343,29 @@ def data_root(cfg: TrainConfig, rank: int) -> Path:
                              f"data there ({err.strerror or err})") from None
         generate(root, tasks=list(phantoms.TASKS), slices=cfg.slices, size=(H, W), coils=cfg.coils,
                  seed=cfg.seed, volumes=cfg.volumes)
-    if dist.is_initialized():
-        dist.barrier()
+
+    on_rank_0(make, rank)
     return root
+
+
+def on_rank_0(work: Callable[[], None], rank: int) -> None:
+    """``work()`` in process 0 only (files other processes then read); under torch.distributed
+    every process waits for it and raises if it failed, so that none waits forever."""
+    error = None
+    if rank == 0:
+        try:
+            work()
+        except (UsageError, DataError, OSError) as err:
+            error = err
+    if dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if \
+            dist.get_backend() == "nccl" else torch.device("cpu")
+        failed = torch.tensor([error is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(failed)
+        if failed.item() and error is None:
+            raise UsageError("stopped: process 0 reported an error (its message is above)")
+    if error is not None:
+        raise error
 
 
 def split(dataset: SliceDataset, cfg: TrainConfig) -> dict[str, Any]:
@@ -400,7 +423,10 @@ def _same_slices(now: dict, before: dict) -> bool:
     """Whether two :func:`trained_slices` name the same slices of the same volumes (by name for
     a checkpoint from before fingerprints, whose entries are file name → slices)."""
     if any(not isinstance(v, dict) for v in before.values()):
-        return {v["file"]: v["slices"] for v in now.values()} == before
+        by_name: dict[str, list[int]] = defaultdict(list)  # the old record merged equal names
+        for v in now.values():
+            by_name[v["file"]].extend(v["slices"])
+        return {k: sorted(v) for k, v in by_name.items()} == {k: sorted(v) for k, v in before.items()}
     return {k: v["slices"] for k, v in now.items()} == {k: v["slices"] for k, v in before.items()}
 
 
@@ -492,7 +518,7 @@ def _keep_epochs(path: Path, epochs: int) -> None:
 
 
 def setup_logging(out: Path, rank: int) -> None:
-    log.handlers.clear()
+    _close_log()
     log.setLevel(logging.INFO)
     log.propagate = False
     if rank == 0:
@@ -539,6 +565,11 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
         if lacking:
             raise UsageError(f"--resume: {out / 'checkpoint.pt'} is not a complete checkpoint of "
                              f"this version of applications.mri.train: {', '.join(lacking)}")
+        if "data" in given and bool(cfg.data) != bool(saved.data):
+            raise UsageError("--resume: the run trained on " + (
+                f"--data {saved.data}; give that folder (or a copy) as --data" if saved.data else
+                "the synthetic catalogue; resume it without --data (--cache may name where the "
+                "catalogue moved)"))
         changed = [k for k in given if k in FIXED_ON_RESUME and getattr(cfg, k) != getattr(saved, k)]
         if changed:
             free = sorted(f.name for f in dataclasses.fields(TrainConfig) if f.name not in FIXED_ON_RESUME)
@@ -548,7 +579,8 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
                             for k in changed)
                 + f". Options it can change: {', '.join(free)}")
         cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in given if hasattr(cfg, k)})
-    elif rank == 0 and (out / "checkpoint.pt").exists():
+        validate(cfg)
+    elif (out / "checkpoint.pt").exists():  # every process checks: none goes on alone
         raise UsageError(f"--out {out} holds another run; pass --resume to continue it or choose "
                          "another --out")
     if cfg.data:  # config.toml must work from any directory
@@ -568,14 +600,14 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
     check_examples([ex for t in plan["seen"] for ex in used[t]], one_size=True, **mask_options)
     coils = used[plan["seen"][0]][0].shape[0]
     net_cfg = cfg.network(coils)
-    maps: dict = {}  # ESPIRiT maps, shared by the mask draws (see ReconTransform)
-    budget = MemoryBudget(cfg.memory_gb * 2**30)  # of the slices and maps kept
+    budget = MemoryBudget(cfg.memory_gb * 2**30)  # of the slices and maps kept, per process
     masking = dict(family=cfg.mask or None, acceleration=cfg.acceleration or None,
-                   center_fraction=cfg.center_fraction or None, sense=net_cfg.needs_maps,
-                   maps_cache=maps, budget=budget)
+                   center_fraction=cfg.center_fraction or None, sense=net_cfg.needs_maps)
+    # validation and test slices are transformed once (validation's are kept): no maps cache
     transform = ReconTransform(seed=cfg.seed, **masking)
-    variants = [ReconTransform(seed=cfg.seed + 1000 * (v + 1), **masking)
-                for v in range(cfg.mask_variants)]
+    maps: dict = {}  # ESPIRiT maps, shared by the mask draws of a kept slice (see ReconTransform)
+    variants = [ReconTransform(seed=cfg.seed + 1000 * (v + 1), maps_cache=maps, budget=budget,
+                               **masking) for v in range(cfg.mask_variants)]
     groups = [CachedSubset(dataset, plan["parts"][t]["train"], variants, budget) for t in plan["seen"]]
     if cfg.val_tasks == "anatomy":
         val_names = sorted({family(t) for t in plan["seen"]})
@@ -606,20 +638,22 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
     if state is not None:
         if not _same_slices(trained_on, state["trained_on"]):
             raise UsageError(f"--resume: --data {root} does not hold the volumes the run trained and "
-                             "validated on (their fingerprints differ); point --data at the run's "
-                             "data (a copy of it is fine)")
+                             "validated on" + (" in the same split" if set(trained_on) == set(
+                                 state["trained_on"]) else " (their fingerprints differ)")
+                             + "; point --data at the run's data (a copy of it is fine)")
         try:
             trainer.load_state_dict(state["trainer"])
         except (KeyError, ValueError, RuntimeError) as err:
             raise UsageError(f"--resume: {out / 'checkpoint.pt'} does not fit this run's data "
-                             f"({plan['seen']}, validation tasks {val_names}): "
+                             f"(training tasks {plan['seen']}, validation tasks {val_names}; the "
+                             f"checkpoint's: {state.get('task_names')}): "
                              + str(err).split("\n")[0]) from None
         torch.set_rng_state(state["torch_rng"])
         for optimizer, name in ((trainer.optimizer, "lr"), (trainer.meta_optimizer, "meta_lr")):
             if name in given:  # the checkpoint's optimizer state carries the old rate
                 for group in optimizer.param_groups:
                     group["lr"] = getattr(cfg, name)
-    if rank == 0:  # everything checked: from here on the run writes to --out
+    def start_writing() -> None:  # everything checked: from here on the run writes to --out
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -628,6 +662,8 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
         if state is not None:  # a kill after an epoch's log rows but before its checkpoint left extra rows
             for name in ("train_log.csv", "weights.csv"):
                 _keep_epochs(out / name, trainer.epoch)
+
+    on_rank_0(start_writing, rank)
     setup_logging(out, rank)
 
     @torch.no_grad()

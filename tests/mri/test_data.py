@@ -125,6 +125,18 @@ def test_crop_never_samples_the_padding_band(W, w):
         assert columns.numel() and at.min() >= left and at.max() < right, (seed, at.min(), at.max())
 
 
+@pytest.mark.parametrize("W,w", [(41, 40), (41, 32), (40, 33), (37, 36)])
+def test_crop_moves_a_k_space_column_where_the_band_mapping_says(W, w):
+    """An independent check of the mapping the band uses: a plane wave that fft2c puts at
+    column j0 of W, cropped to w columns in the image, peaks at (j0 − W//2)·w/W + w//2."""
+    x = torch.arange(W, dtype=torch.float64)
+    for j0 in (2, W // 4, W // 2, W - 3):
+        wave = torch.exp(2j * torch.pi * (j0 - W // 2) * x / W).expand(1, 8, W)
+        assert int(fft.fft2c(wave).abs().sum(-2).argmax()) == j0
+        cropped = fft.fft2c(data._center_crop(wave, (8, w), "x", "image")).abs().sum(-2)
+        assert abs(int(cropped.argmax()) - ((j0 - W // 2) * w / W + w // 2)) <= 0.5 + 1e-9, j0
+
+
 def test_reference_missing_is_none_and_target_is_rss(tmp_path):
     _raw_fastmri(tmp_path / "test.h5", rss=False)
     sample = data.SliceDataset(tmp_path)[0]

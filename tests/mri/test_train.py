@@ -449,6 +449,37 @@ def test_resume_refuses_to_change_the_network_or_data(tmp_path, capsys):
     assert "cannot change width (the run has 5, given 8)" in err and "phases" not in err.split(".")[0]
     assert "Options it can change: " in err and "Traceback" not in err
     assert (out / "config.toml").read_text() == "width = 5\n"
+    # a synthetic run resumed on a folder would split it otherwise (no held-out catalogue tasks)
+    assert train.main(["--out", str(out), "--resume", "--data", str(tmp_path)]) == 2
+    assert "the run trained on the synthetic catalogue; resume it without --data" in capsys.readouterr().err
+    # task names are checked against the run's own data, not the catalogue, on --resume
+    cfg, _ = train.resolve(["--out", str(out), "--resume", "--tasks", "CORPD_FBK"])
+    assert cfg.tasks == ["CORPD_FBK"]
+
+
+def test_resume_compares_old_records_by_file_name():
+    now = {"f1": {"file": "x.h5", "slices": [0]}, "f2": {"file": "x.h5", "slices": [1]},
+           "f3": {"file": "y.h5", "slices": [0, 2]}}
+    assert train._same_slices(now, {"x.h5": [0, 1], "y.h5": [0, 2]})  # names merged, as then
+    assert not train._same_slices(now, {"x.h5": [0], "y.h5": [0, 2]})
+    assert train._same_slices(now, dict(now)) and not train._same_slices(now, {"f1": now["f1"]})
+
+
+def test_a_failure_of_process_0_stops_every_process(tmp_path):
+    """Under torchrun, an error that only process 0 meets (it alone makes the folders) stops
+    the other process too, with one message, instead of leaving it waiting forever."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for extra, message in ((["--cache", str(afile), "--out", str(tmp_path / "o")], "cannot make the folder"),
+                           (["--cache", str(tmp_path / "c"), "--out", str(afile / "sub")],
+                            "cannot make the folder")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               "-m", "applications.mri.train", "--quick", "--threads", "1", *extra]
+        if "--out" in extra and extra[-1].endswith("sub"):  # reach the folder after the data
+            cmd += ["--epochs", "1"]
+        done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0
+        assert message in done.stderr and "process 0 reported an error" in done.stderr, done.stderr[-2000:]
 
 
 # --- split -----------------------------------------------------------------------------------
@@ -571,19 +602,26 @@ def test_tiny_run_val_tasks_and_metrics(tmp_path):
     assert [float(x) for x in rows[1].split(",")[2:]] == pytest.approx(W[0], abs=1e-6)
 
 
-def test_a_memory_budget_changes_no_number(tmp_path):
+def test_a_memory_budget_changes_no_number(tmp_path, monkeypatch):
     """Slices and maps that do not fit --memory-gb are read and computed again: the same
-    weights, bit for bit, as a run that keeps everything."""
+    weights, bit for bit, as a run that keeps everything (mask draws of the kept slices share
+    their ESPIRiT maps, so the run that keeps all estimates fewer)."""
     root = tmp_path / "data"
-    data.generate(root, tasks=["brain_t1_random4", "knee_pd_equispaced4"], slices=2, size=(32, 32),
-                  coils=2, volumes=3, progress=False)
-    runs = {}
-    for gb in ("4", "0", "0.0001"):  # everything kept, nothing, some
+    data.generate(root, tasks=["brain_t1_random4", "knee_pd_equispaced4"], slices=2, size=(48, 48),
+                  coils=4, volumes=3, progress=False)
+    estimate = evaluate.sensitivities.estimate
+    calls = []
+    monkeypatch.setattr(evaluate.sensitivities, "estimate",
+                        lambda *a, **k: calls.append(1) or estimate(*a, **k))
+    runs, estimates = {}, {}
+    for gb in ("4", "0", "0.0005"):  # everything kept, nothing, some
         out = tmp_path / f"run{gb}"
+        calls.clear()
         assert train.main(["--data", str(root), "--out", str(out), *TINY, "--epochs", "2",
-                           "--memory-gb", gb]) == 0
-        runs[gb] = final_weights(out)
-    for gb in ("0", "0.0001"):
+                           "--mask-variants", "3", "--cg-iters", "3", "--memory-gb", gb]) == 0
+        runs[gb], estimates[gb] = final_weights(out), len(calls)
+    assert estimates["4"] < estimates["0.0005"] < estimates["0"], estimates
+    for gb in ("0", "0.0005"):
         assert torch.equal(runs[gb][1], runs["4"][1])
         for k in runs["4"][0]:
             assert torch.equal(runs[gb][0][k], runs["4"][0][k]), (gb, k)
@@ -593,7 +631,7 @@ def test_cached_subset_keeps_what_the_budget_allows(tmp_path):
     data.generate(tmp_path, tasks=["brain_t1_random4"], slices=3, size=(16, 16), coils=2, volumes=1,
                   progress=False)
     ds = data.SliceDataset(tmp_path)
-    one = evaluate._nbytes(ds[0])
+    one = sum(evaluate._storages(ds[0]).values())
     budget = evaluate.MemoryBudget(2.5 * one)
     subset = evaluate.CachedSubset(ds, [0, 1, 2], [lambda s: s, lambda s: s], budget)
     assert len(subset) == 6 and all(torch.equal(subset[i]["kspace"], ds[i % 3]["kspace"]) for i in range(6))
