@@ -82,9 +82,11 @@ def upper(model, loss, batches, val, weighted: bool, lr: float) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=9, help="timing rounds (median reported)")
+    p.add_argument("--rounds", type=int, default=9, help="timing rounds >= 1 (median reported)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
     torch.set_num_threads(1)
     cfg = TrainConfig()
     model, loss, batches, val = problem(cfg, cfg.batch_size)

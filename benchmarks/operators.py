@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cg-iters", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="benchmarks/results/operators.json")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "operators.json"),
+                    help="where the JSON goes (default: benchmarks/results/operators.json)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []

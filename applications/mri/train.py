@@ -512,9 +512,11 @@ class Recorder:
 
 def _keep_epochs(path: Path, epochs: int) -> None:
     """Drop the rows of a per-epoch CSV log (first column: epoch from 1) after ``epochs``."""
-    if path.is_file():
-        header, *rows = path.read_text().splitlines(keepends=True)
-        path.write_text(header + "".join(r for r in rows if int(r.split(",", 1)[0]) <= epochs))
+    if path.is_file():  # newline="": the csv writer's \r\n line ends stay as they are
+        with open(path, newline="") as fh:
+            header, *rows = fh.read().splitlines(keepends=True)
+        with open(path, "w", newline="") as fh:
+            fh.write(header + "".join(r for r in rows if int(r.split(",", 1)[0]) <= epochs))
 
 
 def setup_logging(out: Path, rank: int) -> None:
@@ -538,7 +540,10 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
         torch.set_num_threads(cfg.threads)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+        nccl = torch.cuda.is_available() and cfg.device != "cpu"
+        if nccl:  # one GPU per process: NCCL's collectives run on the current device
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if nccl else "gloo")
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
     device = pick_device(cfg.device)
@@ -580,6 +585,10 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
                 + f". Options it can change: {', '.join(free)}")
         cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in given if hasattr(cfg, k)})
         validate(cfg)
+        done = state["trainer"].get("epoch", 0) if isinstance(state["trainer"], dict) else 0
+        if cfg.epochs < done:
+            raise UsageError(f"--resume: --epochs {cfg.epochs} is below the {done} epochs the run "
+                             f"has trained; give --epochs {done} or more")
     elif (out / "checkpoint.pt").exists():  # every process checks: none goes on alone
         raise UsageError(f"--out {out} holds another run; pass --resume to continue it or choose "
                          "another --out")

@@ -47,12 +47,14 @@ def gaussian_kernel(width: float, size: int = 15, dtype=torch.float32) -> Tensor
 def make_batch(batch: int, n: int, kernel: Tensor, spikes: int = 4, noise: float = 0.01,
                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Sparse signals ``x*`` (``spikes`` non-zeros each) and their blurred noisy measurements."""
+    # drawn on the CPU (the generator's device), then moved to the kernel's
     x = torch.zeros(batch, n, dtype=kernel.dtype)
     idx = torch.rand(batch, n, generator=generator).argsort(dim=1)[:, :spikes]
     amp = torch.randn(batch, spikes, generator=generator, dtype=kernel.dtype)
     x.scatter_(1, idx, amp.sign() * (0.5 + amp.abs()))
-    f = circular_conv(x, kernel)
-    return x, f + noise * torch.randn(f.shape, generator=generator, dtype=kernel.dtype)
+    noise_draw = torch.randn(x.shape, generator=generator, dtype=kernel.dtype)
+    x, noise_draw = x.to(kernel.device), noise_draw.to(kernel.device)
+    return x, circular_conv(x, kernel) + noise * noise_draw
 
 
 def soft_threshold(z: Tensor, alpha: Tensor) -> Tensor:

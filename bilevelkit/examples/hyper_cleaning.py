@@ -24,10 +24,11 @@ from bilevelkit.trainers import BilevelTrainer
 def regression_group(beta: torch.Tensor, n: int, g: torch.Generator, corrupt: bool = False,
                      noise: float = 0.1) -> TensorDataset:
     """``n`` samples ``y = Xβ + ε``; corrupted groups get ``y ← −2y + N(0, 1)``."""
-    X = torch.randn(n, beta.numel(), generator=g, dtype=beta.dtype)
-    y = X @ beta + noise * torch.randn(n, generator=g, dtype=beta.dtype)
+    # drawn on the CPU (the generator's device), then moved to beta's
+    X = torch.randn(n, beta.numel(), generator=g, dtype=beta.dtype).to(beta.device)
+    y = X @ beta + noise * torch.randn(n, generator=g, dtype=beta.dtype).to(beta.device)
     if corrupt:
-        y = -2 * y + torch.randn(n, generator=g, dtype=beta.dtype)
+        y = -2 * y + torch.randn(n, generator=g, dtype=beta.dtype).to(beta.device)
     return TensorDataset(X, y)
 
 

@@ -209,6 +209,10 @@ def test_sigkill_and_resume_gives_the_uninterrupted_result(tmp_path, cache):
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, 7))
     metrics = json.loads((killed / "metrics.json").read_text())
     assert metrics["total_seconds"] >= metrics["train_seconds"] >= seconds[-1]
+    for name in ("train_log.csv", "weights.csv"):  # the logs keep the csv writer's line ends
+        lines = len((full / name).read_bytes().splitlines())
+        assert (killed / name).read_bytes().count(b"\r\n") == lines, name
+    assert train.main(quick(killed, cache, "--resume", "--epochs", "5")) == 2  # below the 6 trained
 
 
 @pytest.mark.parametrize("start", ["zero_filled", "cg_sense"])
