@@ -292,13 +292,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3, help="timing rounds (median reported)")
     p.add_argument("--mem-repeats", type=int, default=3,
                    help="fresh processes per memory measurement (median reported)")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4, help="batch size of the dynamics' input (default: 4)")
     p.add_argument("--size", type=int, default=64, help="H = W")
     p.add_argument("--width", type=int, default=32, help="channels of the hidden convolutions")
     p.add_argument("--layers", type=int, default=3, help="3×3 convolutions per phase")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each worker")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to run (default: cuda when present, else cpu)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="where the JSON goes (default: benchmarks/results/costate.json)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: T = 2, 4, 16×16 images, width 8, k = 2, one round, 1 thread")
     args = p.parse_args(argv)

@@ -56,7 +56,7 @@ for small k on this non-convex problem): such rows are reported as failed, and
 ``torch.set_num_threads(1)`` in every process. Run (from the repository root)::
 
     python benchmarks/hypergrad.py --profile   # full: k = 1, 5, 20, 50, 200, about 7 minutes
-    python benchmarks/hypergrad.py --quick     # smoke test, about 30 s
+    python benchmarks/hypergrad.py --quick     # smoke test, about a minute on 2 cores
 
 Writes ``benchmarks/results/hypergrad.json`` (``--out``) and prints a table and the targets'
 verdicts (docs/benchmarks.md, "Hypergradients").
@@ -861,12 +861,13 @@ def main(argv: list[str] | None = None) -> dict:
                    help="fresh processes per memory measurement (median reported)")
     p.add_argument("--mem-procs", type=int, default=2,
                    help="memory processes run side by side (peak RSS is per process)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="where the JSON goes (default: benchmarks/results/hypergrad.json)")
     p.add_argument("--profile", action="store_true",
                    help="also break the costate sweep's time down (per phase, counts) at the "
                         "largest k and compare RSS with the heap in use")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run (~30 s): k = 1, 5, 10 samples per group, one round, one memory "
+                   help="smoke run (about a minute): k = 1, 5, 10 samples per group, one round, one memory "
                         "process each, short reference")
     args = p.parse_args(argv)
     cfg = {"seed": 0, "dim": 20, "hidden": 64, "groups": 10, "n": args.n, "val": 200,

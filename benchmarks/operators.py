@@ -73,12 +73,15 @@ def cases(p: dict, cg_iters: int) -> dict[str, tuple[Callable, Callable]]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--coils", type=int, default=8)
-    ap.add_argument("--cg-iters", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128],
+                    help="image sizes N (N × N) to time (default: 64 128)")
+    ap.add_argument("--batch", type=int, default=2, help="slices per call (default: 2)")
+    ap.add_argument("--coils", type=int, default=8, help="coils (default: 8)")
+    ap.add_argument("--cg-iters", type=int, default=20,
+                    help="CG-SENSE iterations of the timed solve (default: 20)")
+    ap.add_argument("--repeats", type=int, default=7,
+                    help="timing rounds per operation, median reported (default: 7)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "operators.json"),
                     help="where the JSON goes (default: benchmarks/results/operators.json)")
     args = ap.parse_args(argv)
