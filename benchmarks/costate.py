@@ -209,6 +209,17 @@ def memory_worker(T: int, method: str, cfg: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- report
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as None (null): strict JSON has no NaN."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def _ratio(a: float, b: float) -> float:
     """``a / b``, NaN when ``b`` is 0 (a tiny --quick problem may not raise the peak at all)."""
     return a / b if b else float("nan")
@@ -304,10 +315,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: T = 2, 4, 16×16 images, width 8, k = 2, one round, 1 thread")
     args = p.parse_args(argv)
-    if args.quick:
-        args.sizes, args.repeats, args.mem_repeats, args.checkpoints = "2,4", 1, 1, "2"
-        args.threads = 1
-        args.batch, args.size, args.width = 1, 16, 8
+    if args.quick:  # new defaults: options given on the command line still win
+        p.set_defaults(sizes="2,4", repeats=1, mem_repeats=1, checkpoints="2", threads=1, batch=1,
+                       size=16, width=8)
+        args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     cfg = {k: getattr(args, k) for k in ("batch", "size", "width", "layers", "threads",
                                          "device", "checkpoints", "repeats")}
@@ -356,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
         "targets": checks,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    args.out.write_text(json.dumps(_json_safe(report), indent=1))
     print(f"\nwrote {args.out} ({report['seconds']:.0f} s)")
     return report
 

@@ -870,14 +870,16 @@ def main(argv: list[str] | None = None) -> dict:
                    help="smoke run (about a minute): k = 1, 5, 10 samples per group, one round, one memory "
                         "process each, short reference")
     args = p.parse_args(argv)
+    if args.quick:  # new defaults: options given on the command line still win
+        p.set_defaults(n=10, repeats=1, mem_repeats=1)
+        args = p.parse_args(argv)
     cfg = {"seed": 0, "dim": 20, "hidden": 64, "groups": 10, "n": args.n, "val": 200,
            "wd": 0.05, "lr": 0.2, "cg_iters": 50, "pre_steps": 1000, "ref_steps": 2000,
            "check_steps": [1000], "newton_iters": 60, "strict": True, "dtype": args.dtype,
            "repeats": args.repeats, "min_time": 0.05}
     if args.quick:
-        cfg["repeats"], args.mem_repeats, cfg["min_time"] = 1, 1, 0.0
-        cfg.update(n=10, pre_steps=300, ref_steps=300, check_steps=[], newton_iters=3,
-                   strict=False)
+        cfg["min_time"] = 0.0
+        cfg.update(pre_steps=300, ref_steps=300, check_steps=[], newton_iters=3, strict=False)
     ks = [int(k) for k in (args.ks or ("1,5" if args.quick else "1,5,20,50,200")).split(",")]
     problems = {m: _import_problem(m) for m in sorted(set(PEERS.values()))}
     available = {m for m, problem in problems.items() if problem is None}
