@@ -35,7 +35,7 @@ from tqdm import tqdm
 from applications.mri import fft, masks, operators, phantoms
 
 __all__ = ["DataError", "write_fastmri", "Example", "SliceDataset", "CenterCrop", "MaskTransform",
-           "fingerprint", "generate", "main"]
+           "fingerprint", "fingerprints", "generate", "main"]
 
 ISMRMRD_NS = "http://www.ismrm.org/ISMRMRD"
 
@@ -273,6 +273,15 @@ def fingerprint(path: str | os.PathLike) -> str:
     return hashlib.sha1(repr(shape).encode() + rows.tobytes()).hexdigest()[:16]
 
 
+def fingerprints(examples: Iterable[Example]) -> dict[Path, str]:
+    """:func:`fingerprint` of each file the examples come from, read once per file."""
+    out: dict[Path, str] = {}
+    for ex in examples:
+        if ex.path not in out:
+            out[ex.path] = fingerprint(ex.path)
+    return out
+
+
 def _derived_seed(*parts: int | str) -> int:
     """A 32-bit seed determined by ``parts`` (strings hashed with CRC-32, stable across runs)."""
     keys = [zlib.crc32(p.encode()) if isinstance(p, str) else p for p in parts]
@@ -280,10 +289,11 @@ def _derived_seed(*parts: int | str) -> int:
 
 
 def _center_crop(x: Tensor, size: Sequence[int], fname: str, what: str) -> Tensor:
-    (H, W), (h, w) = x.shape[-2:], size
-    if h > H or w > W:
-        raise DataError(f"{fname}: crop {tuple(size)} is larger than the {what} ({H}, {W})")
-    return operators.center_crop(x, size)
+    try:
+        return operators.center_crop(x, size)
+    except ValueError:
+        raise DataError(f"{fname}: crop {tuple(size)} is larger than the {what} "
+                        f"{tuple(x.shape[-2:])}") from None
 
 
 class CenterCrop:

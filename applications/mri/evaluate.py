@@ -3,8 +3,9 @@
 Reconstructs every slice of every file under ``--data`` (real fastMRI multicoil files or the
 synthetic ones) except the slices the checkpoint was trained or validated on (unless
 ``--include-training``), with the undersampling and crop of ``--mask``/``--acceleration``/
-``--center-fraction``/``--crop``, else the training run's, else the file's attributes, and compares the model with zero-filled RSS and CG-SENSE (coil maps
-estimated from the fully sampled centre). Metrics follow fastMRI: per volume, data range = the
+``--center-fraction``/``--crop``, else the training run's, else the file's attributes, and
+compares the model with zero-filled RSS and CG-SENSE (coil maps estimated from the fully
+sampled centre). Metrics follow fastMRI: per volume, data range = the
 volume's maximum, then averaged over the volumes of a task. Writes ``metrics.json`` (layout
 below) and ``reconstructions.png`` (per task: reference, model, zero-filled, CG-SENSE and
 their error maps) to ``--out``, and prints a table::
@@ -36,7 +37,7 @@ import torch
 from torch import Tensor
 
 from applications.mri import baselines, fft, masks, metrics, operators, sensitivities
-from applications.mri.data import CenterCrop, DataError, MaskTransform, SliceDataset, fingerprint
+from applications.mri.data import CenterCrop, DataError, MaskTransform, SliceDataset, fingerprints
 from applications.mri.losses import ReconLoss, reconstruction
 
 METHODS = ("model", "zero_filled", "cg_sense")
@@ -226,12 +227,12 @@ def _files(examples: Sequence[Any], limit: int = 3) -> str:
 
 def check_examples(examples: Sequence[Any], *, mask: str | None = None,
                    acceleration: float | None = None, center_fraction: float | None = None,
-                   crop: Sequence[int] | None = None, coils: int | None = None,
-                   one_size: bool = False, crop_option: str = "--crop") -> None:
+                   crop: Sequence[int] | None = None, one_size: bool = False,
+                   crop_option: str = "--crop") -> None:
     """Check from the files' metadata, before any slice is read, that the slices can be masked,
     cropped and batched: mask settings given or in every file and a mask of each setting and
     size can be made, ``crop`` within every image and reference, a reference no larger than its
-    image, one coil count (``coils``, else all alike), and with ``one_size`` one image and
+    image, one coil count, and with ``one_size`` one image and
     reference size (what a minibatch stacks). :class:`UsageError` naming the files and the
     option that fixes it otherwise (``crop_option`` names where the crop came from)."""
     for given, attr, option in ((mask, "mask_family", "--mask FAMILY"),
@@ -262,10 +263,7 @@ def check_examples(examples: Sequence[Any], *, mask: str | None = None,
             raise UsageError(f"{ex.fname}: the reference ({ref[0]}, {ref[1]}) is larger than the "
                              f"k-space's image ({H}, {W})")
         sizes[(H, W, *(ref or (H, W)))].append(ex)
-    if coils is not None and set(by_coils) - {coils}:
-        other = [ex for c, exs in by_coils.items() if c != coils for ex in exs]
-        raise UsageError(f"{_files(other)}: {other[0].shape[0]} coils; the network takes {coils}")
-    if coils is None and len(by_coils) > 1:
+    if len(by_coils) > 1:
         raise UsageError("the network takes one coil count, but the files have "
                          + "; ".join(f"{c} coils ({_files(exs)})" for c, exs in sorted(by_coils.items()))
                          + "; choose files of one count (--tasks, or another --data folder)")
@@ -548,12 +546,10 @@ def _held_out(dataset: SliceDataset, trained: dict) -> list[int]:
     fingerprint → {"file", "slices"} (:func:`data.fingerprint`: the volume whatever its name);
     checkpoints before fingerprints map the file's name → slices."""
     by_print = all(isinstance(v, dict) for v in trained.values())
-    prints: dict[Path, str] = {}
+    prints = fingerprints(dataset.examples) if by_print else {}
     keep = []
     for i, ex in enumerate(dataset.examples):
         if by_print:
-            if ex.path not in prints:
-                prints[ex.path] = fingerprint(ex.path)
             slices = trained.get(prints[ex.path], {}).get("slices", ())
         else:
             slices = trained.get(Path(ex.fname).name, ())
@@ -574,9 +570,9 @@ def run(args: argparse.Namespace) -> dict:
     if any((out / f).exists() for f in ("checkpoint.pt", "config.toml")):
         raise UsageError(f"--out {out} holds a training run, whose metrics.json and figures this "
                          "would overwrite; choose another --out")
-    missing = next((p for p in [out, *out.parents] if p.exists()), None)
-    if missing is not None and not missing.is_dir():
-        raise UsageError(f"--out {out}: {missing} is a file, so the folder cannot be made there")
+    existing = next((p for p in [out, *out.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, so the folder cannot be made there")
     if not Path(args.data).exists():
         raise UsageError(f"--data {args.data}: no such file or folder")
     if args.threads:
@@ -609,21 +605,18 @@ def run(args: argparse.Namespace) -> dict:
         if left:
             print(f"left out {left} of {len(dataset)} slices that the checkpoint was trained or "
                   "validated on (--include-training scores them too)", file=sys.stderr)
-    other = [i for i in indices if dataset.examples[i].shape[0] != net_cfg.coils]
+    other = [dataset.examples[i] for i in indices if dataset.examples[i].shape[0] != net_cfg.coils]
     if other:  # e.g. fastMRI's brain data, of 4 to 20 coils
-        names = sorted({dataset.examples[i].fname for i in other})
         if len(other) == len(indices):
             raise UsageError(f"--data {args.data}: no file has the {net_cfg.coils} coils the "
-                             f"network takes ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''} "
-                             f"have {sorted({dataset.examples[i].shape[0] for i in other})})")
-        print(f"left out {len(names)} file(s) of another coil count than the network's "
-              f"{net_cfg.coils}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}",
-              file=sys.stderr)
-        skip = set(other)
-        indices = [i for i in indices if i not in skip]
+                             f"network takes ({_files(other)} have "
+                             f"{sorted({ex.shape[0] for ex in other})})")
+        print(f"left out {len({ex.fname for ex in other})} file(s) of another coil count than the "
+              f"network's {net_cfg.coils}: {_files(other, 5)}", file=sys.stderr)
+        indices = [i for i in indices if dataset.examples[i].shape[0] == net_cfg.coils]
     check_examples([dataset.examples[i] for i in indices], mask=settings["mask"],
                    acceleration=settings["acceleration"], center_fraction=settings["center_fraction"],
-                   crop=crop, coils=net_cfg.coils, crop_option=crop_option)
+                   crop=crop, crop_option=crop_option)
     transform = ReconTransform(settings["mask"], settings["acceleration"], seed=args.seed,
                                sense=net_cfg.needs_maps, center_fraction=settings["center_fraction"])
     files = group_files(dataset, indices, transform)

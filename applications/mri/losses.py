@@ -4,8 +4,8 @@
 
 with ``u*`` the fully sampled coil images and ``RSS(u*)`` the reference, both divided by the
 sample's normalisation ``scale``; a reference smaller than the image (fastMRI's 320 × 320
-``reconstruction_rss`` of 640 × 368 k-space) is compared with the image's centre crop. **Decision:** the image term uses ``RSS(u_T)``, not the
-learned combination ``|J(u_T)|``, so that the loss depends on the final state only and carries
+``reconstruction_rss`` of 640 × 368 k-space) is compared with the image's centre crop.
+**Decision:** the image term uses ``RSS(u_T)``, not the learned combination ``|J(u_T)|``, so that the loss depends on the final state only and carries
 no parameters — the contract every costate solver relies on (a parameter inside the loss would
 get no gradient from the sweep). The ``u_0`` term is a loss on the initial state, added by
 :class:`bilevelkit.trainers.TerminalLoss`'s ``initial`` hook. Optional: ``ssim_weight`` adds

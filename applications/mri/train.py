@@ -39,7 +39,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 import bilevelkit as bk
 from applications.mri import masks, phantoms
-from applications.mri.data import CenterCrop, DataError, SliceDataset, fingerprint, generate
+from applications.mri.data import CenterCrop, DataError, SliceDataset, fingerprints, generate
 from applications.mri.evaluate import (CachedSubset, MemoryBudget, ReconTransform, UsageError,
                                        check_examples, check_mask_settings, evaluate_tasks, family,
                                        group_files, load_checkpoint, pick_device, table)
@@ -408,14 +408,12 @@ def split(dataset: SliceDataset, cfg: TrainConfig) -> dict[str, Any]:
 def trained_slices(dataset: SliceDataset, plan: dict) -> dict[str, dict]:
     """Fingerprint → {"file", "slices"} of the training and validation slices: what evaluate
     leaves out, in any folder and under any name (:func:`data.fingerprint`)."""
+    used = [dataset.examples[i] for t in plan["seen"]
+            for i in plan["parts"][t]["train"] + plan["parts"][t]["val"]]
+    prints = fingerprints(used)
     out: dict[str, dict] = {}
-    prints: dict[Path, str] = {}
-    for t in plan["seen"]:
-        for i in plan["parts"][t]["train"] + plan["parts"][t]["val"]:
-            ex = dataset.examples[i]
-            if ex.path not in prints:
-                prints[ex.path] = fingerprint(ex.path)
-            out.setdefault(prints[ex.path], {"file": Path(ex.fname).name, "slices": []})["slices"].append(ex.slice)
+    for ex in used:
+        out.setdefault(prints[ex.path], {"file": Path(ex.fname).name, "slices": []})["slices"].append(ex.slice)
     return {k: {**v, "slices": sorted(v["slices"])} for k, v in sorted(out.items())}
 
 
@@ -585,7 +583,7 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
                 + f". Options it can change: {', '.join(free)}")
         cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in given if hasattr(cfg, k)})
         validate(cfg)
-        done = state["trainer"].get("epoch", 0) if isinstance(state["trainer"], dict) else 0
+        done = state["trainer"].get("epoch", 0)
         if cfg.epochs < done:
             raise UsageError(f"--resume: --epochs {cfg.epochs} is below the {done} epochs the run "
                              f"has trained; give --epochs {done} or more")
@@ -603,15 +601,18 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
     plan = split(dataset, cfg)
     used = {t: [dataset.examples[i] for part in plan["parts"][t].values() for i in part]
             for t in plan["parts"]}
-    mask_options = dict(mask=cfg.mask or None, acceleration=cfg.acceleration or None,
-                        center_fraction=cfg.center_fraction or None, crop=cfg.crop or None)
-    check_examples([ex for exs in used.values() for ex in exs], **mask_options)
-    check_examples([ex for t in plan["seen"] for ex in used[t]], one_size=True, **mask_options)
+    # the mask options given ("", 0 and [] take each file's settings, no crop)
+    mask_family, acceleration = cfg.mask or None, cfg.acceleration or None
+    center_fraction, crop = cfg.center_fraction or None, cfg.crop or None
+    for examples, one_size in (([ex for exs in used.values() for ex in exs], False),
+                               ([ex for t in plan["seen"] for ex in used[t]], True)):
+        check_examples(examples, mask=mask_family, acceleration=acceleration,
+                       center_fraction=center_fraction, crop=crop, one_size=one_size)
     coils = used[plan["seen"][0]][0].shape[0]
     net_cfg = cfg.network(coils)
     budget = MemoryBudget(cfg.memory_gb * 2**30)  # of the slices and maps kept, per process
-    masking = dict(family=cfg.mask or None, acceleration=cfg.acceleration or None,
-                   center_fraction=cfg.center_fraction or None, sense=net_cfg.needs_maps)
+    masking = dict(family=mask_family, acceleration=acceleration, center_fraction=center_fraction,
+                   sense=net_cfg.needs_maps)
     # validation and test slices are transformed once (validation's are kept): no maps cache
     transform = ReconTransform(seed=cfg.seed, **masking)
     maps: dict = {}  # ESPIRiT maps, shared by the mask draws of a kept slice (see ReconTransform)
