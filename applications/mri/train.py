@@ -709,7 +709,9 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
     finally:  # an error message starts on a line of its own
         steps.close()
         bar.close()
-    train_seconds = time.perf_counter() - t0 + resumed_seconds
+    # a resume that trains no further epoch keeps the checkpoint's time: its setup trained nothing
+    trained_now = trainer.epoch > (state["trainer"].get("epoch", 0) if state else 0)
+    train_seconds = resumed_seconds + (time.perf_counter() - t0 if trained_now else 0.0)
     if rank != 0:
         return None
 

@@ -213,6 +213,11 @@ def test_sigkill_and_resume_gives_the_uninterrupted_result(tmp_path, cache):
         lines = len((full / name).read_bytes().splitlines())
         assert (killed / name).read_bytes().count(b"\r\n") == lines, name
     assert train.main(quick(killed, cache, "--resume", "--epochs", "5")) == 2  # below the 6 trained
+    # a resume with nothing left to train keeps the run's training time, its setup not added
+    state = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert train.main(quick(killed, cache, "--resume")) == 0
+    again = json.loads((killed / "metrics.json").read_text())
+    assert again["train_seconds"] == state["seconds"] and again["epochs"] == 6
 
 
 @pytest.mark.parametrize("start", ["zero_filled", "cg_sense"])
