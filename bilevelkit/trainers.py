@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -29,7 +30,7 @@ from . import normalizers
 from .costate import AdjointSweep
 from .dynamics import Dynamics
 
-__all__ = ["TerminalLoss", "NonFiniteError", "MLMTrainer", "BilevelTrainer"]
+__all__ = ["TerminalLoss", "NonFiniteError", "MLMTrainer", "BilevelTrainer", "cosine"]
 
 Callback = Callable[[Any, dict], None]
 
@@ -180,6 +181,14 @@ class MLMTrainer:
         self.epoch, self.history = state["epoch"], list(state["history"])
 
 
+def cosine(epochs: int) -> Callable[[int], float]:
+    """Half-cosine decay over ``epochs``: epoch ``e`` (from 0) gets ``(1 + cos(π e / epochs)) / 2``
+    of the learning rate, 1 at the first epoch, near 0 at the last. For ``lr_schedule``."""
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ValueError(f"cosine: epochs must be an integer >= 1, got {epochs!r}")
+    return lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs))
+
+
 class _Bound(nn.Module):
     """``forward(batch) = loss(model, batch)``, so ``functional_call`` can swap θ."""
 
@@ -206,6 +215,8 @@ class BilevelTrainer:
     ``hypergrad`` (default ``Unrolled(steps=1, lr=inner_lr)``) on fresh minibatches and take an
     Adam step (``meta_lr``) on Ω. ``mode="joint"`` keeps Ω = 0: uniform weights, the baseline.
     ``costate`` (with a :class:`TerminalLoss`) trains the lower level by a costate solver.
+    ``lr_schedule(e)`` multiplies ``lr`` for the lower steps of epoch ``e`` (from 0), e.g.
+    :func:`cosine`; a function of the epoch alone, so a resumed run continues it exactly.
 
     ``callbacks(trainer, logs)`` run after every epoch (logging, checkpoints),
     ``step_callbacks(trainer, "lower" | "upper", losses)`` after every step (progress bars). A
@@ -235,6 +246,7 @@ class BilevelTrainer:
         groups_per_step: int | None = None,
         shared: Sequence[str] = (),
         costate: Any = None,
+        lr_schedule: Callable[[int], float] | None = None,
         seed: int = 0,
         collate: Callable = default_collate,
         callbacks: Sequence[Callback] = (),
@@ -273,6 +285,7 @@ class BilevelTrainer:
             raise ValueError(f"groups_per_step must be None or an integer >= 1, got {groups_per_step!r}")
         self.groups_per_step = groups_per_step
         self.costate, self.callbacks = costate, list(callbacks)
+        self.lr, self.lr_schedule = lr, lr_schedule
         self.step_callbacks = list(step_callbacks)
 
         self.models = nn.ModuleList(copy.deepcopy(model) for _ in range(M))
@@ -414,6 +427,13 @@ class BilevelTrainer:
 
     def run_epoch(self) -> dict:
         """Lower steps, then (in meta mode) upper steps; returns the epoch's logs."""
+        if self.lr_schedule is not None:
+            factor = self.lr_schedule(self.epoch)
+            if not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor < 0:
+                raise ValueError(f"lr_schedule({self.epoch}) returned {factor!r}; expected a "
+                                 "finite number >= 0 (the factor of lr for that epoch)")
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr * factor
         train, val = [], []
         for kind, step, out in (("lower", self.lower_step, train), ("upper", self.upper_step, val)):
             for _ in range(self.lower_steps if kind == "lower" else

@@ -91,6 +91,7 @@ class TrainConfig:
     upper_steps: int = 1
     batch_size: int = 2
     lr: float = 3e-3
+    lr_schedule: str = "constant"
     meta_lr: float = 0.1
     seed: int = 0
     device: str = "auto"
@@ -122,7 +123,7 @@ CHOICES = {"mode": ("meta", "joint"), "val_tasks": ("anatomy", "task"),
            "hypergrad_costate": ("autograd", "sweep", "checkpointed"),
            "costate": ("autograd", "sweep", "checkpointed"),
            "initial": ("kspace_cnn", "none"), "warm_start": ("cg_sense", "zero_filled"),
-           "operator": ("coil", "sense"),
+           "operator": ("coil", "sense"), "lr_schedule": ("cosine", "constant"),
            "device": ("auto", "cpu", "cuda")}
 
 HELP = {
@@ -169,6 +170,8 @@ HELP = {
     "groups_per_step": "training groups drawn from W per lower step and task (an unbiased, "
                        "cheaper estimate of the weighted sum); 0: all groups",
     "batch_size": "slices per training group in a minibatch", "lr": "lower-level Adam learning rate",
+    "lr_schedule": "schedule of --lr over --epochs: cosine decays it by a half cosine, from "
+                   "--lr at the first epoch to near 0 at the last; constant keeps it",
     "meta_lr": "Adam learning rate of Ω", "seed": "seed of data, masks, initialisation and minibatches",
     "memory_gb": "GiB of slices (and coil maps) kept in memory between epochs; beyond it they "
                  "are read and computed again each time (the same results, slower)",
@@ -562,7 +565,8 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
         state = load_checkpoint(out / "checkpoint.pt", "cpu")
         lacking = [k for k in ("torch_rng", "trained_on") if k not in state]
         try:
-            saved = TrainConfig(**state["config"])
+            # runs from before --lr-schedule trained at a constant rate
+            saved = TrainConfig(**{"lr_schedule": "constant", **state["config"]})
         except TypeError as err:  # an option this version does not have
             lacking.append(f"config ({err})")
         if lacking:
@@ -643,6 +647,7 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
         lr=cfg.lr, meta_lr=cfg.meta_lr, batch_size=cfg.batch_size, val_batch_size=cfg.batch_size,
         groups_per_step=cfg.groups_per_step or None,
         shared=shared, costate=costate_solver(cfg.costate, cfg.checkpoints), seed=cfg.seed,
+        lr_schedule=bk.trainers.cosine(cfg.epochs) if cfg.lr_schedule == "cosine" else None,
         collate=lambda items: {k: v.to(device) for k, v in default_collate(items).items()})
     trained_on = trained_slices(dataset, plan)
     if state is not None:

@@ -440,3 +440,47 @@ def test_upper_step_look_ahead_from_the_groups_equals_autograd(normalizer, hyper
         assert (bk.normalizers.sparsemax(out[0][0]) == 0).any()  # groups left out of the sum
     torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-10, atol=1e-12)
     assert out[0][1] == pytest.approx(out[1][1], rel=1e-10)
+
+
+def test_lr_schedule_sets_each_epochs_rate_and_resumes_exactly():
+    train, val = cleaning_problem(M=2)
+    seen = []
+
+    def make(schedule):
+        torch.manual_seed(0)
+        trainer = BilevelTrainer(linear(), mse, train, val, lr=0.05, batch_size=8, seed=2,
+                                 lr_schedule=schedule)
+        trainer.step_callbacks.append(lambda tr, kind, _: seen.append(
+            (tr.epoch, kind, tr.optimizer.param_groups[0]["lr"])))
+        return trainer
+
+    schedule = bk.trainers.cosine(4)
+    full = make(schedule)
+    full.fit(4)
+    factors = [1.0, (1 + 2 ** -0.5) / 2, 0.5, (1 - 2 ** -0.5) / 2]  # (1 + cos(π e / 4)) / 2
+    for epoch, kind, lr in seen:
+        assert lr == pytest.approx(0.05 * factors[epoch], rel=1e-12), (epoch, kind)
+    assert {e for e, _, _ in seen} == {0, 1, 2, 3}
+    constant = make(None)
+    constant.fit(4)  # the schedule changes the run: it is applied, not just recorded
+    assert not torch.equal(constant.omega, full.omega)
+    half = make(schedule)
+    half.fit(2)
+    resumed = make(schedule)
+    resumed.load_state_dict(copy.deepcopy(half.state_dict()))
+    resumed.fit(4)
+    assert torch.equal(resumed.omega, full.omega)
+    for (k, a), b in zip(full.models.state_dict().items(), resumed.models.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("factor", [-0.5, float("nan"), float("inf"), None])
+def test_a_bad_lr_schedule_factor_names_the_epoch(factor):
+    train, val = cleaning_problem()
+    trainer = BilevelTrainer(linear(), mse, train, val, lr_schedule=lambda e: 1.0 if e == 0 else factor)
+    trainer.fit(1)
+    with pytest.raises(ValueError, match=r"lr_schedule\(1\) returned .*expected a finite number >= 0"):
+        trainer.fit(2)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="cosine: epochs must be an integer >= 1"):
+            bk.trainers.cosine(bad)

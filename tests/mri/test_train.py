@@ -424,7 +424,7 @@ def test_resume_uses_the_checkpoint_config_with_given_options_on_top(tmp_path, m
     out = tmp_path / "run"
     out.mkdir()
     saved = train.TrainConfig(epochs=6, share_initial=False, lr=0.01, width=5, out=str(out),
-                              data=str(tmp_path))
+                              data=str(tmp_path), lr_schedule="cosine")
     torch.save({"config": dataclasses.asdict(saved), "trainer": {}, "torch_rng": torch.get_rng_state(),
                 "trained_on": {}}, out / "checkpoint.pt")
     seen = {}
@@ -444,6 +444,18 @@ def test_resume_uses_the_checkpoint_config_with_given_options_on_top(tmp_path, m
     with pytest.raises(Stop):
         train.main(["--out", str(out), "--resume", "--config", str(more)])
     assert (seen["cfg"].epochs, seen["cfg"].lr) == (9, 0.01)
+    assert seen["cfg"].lr_schedule == "cosine"  # the checkpoint's
+    # a checkpoint from before --lr-schedule trained at a constant rate and goes on at one
+    old = dataclasses.asdict(saved)
+    del old["lr_schedule"]
+    torch.save({"config": old, "trainer": {}, "torch_rng": torch.get_rng_state(), "trained_on": {}},
+               out / "checkpoint.pt")
+    with pytest.raises(Stop):
+        train.main(["--out", str(out), "--resume"])
+    assert seen["cfg"].lr_schedule == "constant"
+    with pytest.raises(Stop):
+        train.main(["--out", str(out), "--resume", "--lr-schedule", "cosine"])
+    assert seen["cfg"].lr_schedule == "cosine"
 
 
 def test_resume_refuses_to_change_the_network_or_data(tmp_path, capsys):
