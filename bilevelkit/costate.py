@@ -15,7 +15,7 @@ AutogradCostate     all T phases' activations      T·F forward + backward
 AdjointSweep        T+1 states + one phase's       2·T·F forward + backward (each phase is
                     activations                    evaluated again inside its VJP)
 CheckpointedSweep   k states + one phase's         ≤ (r+1)·T·F forward + backward, r the least
-                    activations                    integer with C(k−1+r, r) ≥ T
+                    activations                    integer with C(k+r, r) ≥ T
 ==================  ============================  ===========================================
 
 Every solver has ``solve(dynamics, ctx, loss) -> CostateResult`` and
@@ -104,11 +104,19 @@ def _like(x: Any, ref: Tensor) -> bool:
             and x.device == ref.device)
 
 
+def _check_keep(keep: Any) -> bool:
+    if not isinstance(keep, bool):
+        raise ValueError(f"keep must be True or False, got {keep!r}")
+    return keep
+
+
 def _unused_error(names: list[str]) -> ValueError:
     listed = ", ".join(repr(n) for n in names)
     return ValueError(
-        f"parameter(s) {listed} require grad but no phase of the dynamics uses them; "
-        "remove them or set requires_grad=False"
+        f"parameter(s) {listed} require grad but no phase gave them a gradient: no phase uses "
+        "them, a phase's output is detached from them (torch.no_grad, .detach(), .item()), or a "
+        "custom vjp returns no gradient for them; remove them or set requires_grad=False if "
+        "they are unused"
     )
 
 
@@ -122,7 +130,7 @@ class AutogradCostate(_Solver):
     """
 
     def __init__(self, keep: bool = False):
-        self.keep = keep
+        self.keep = _check_keep(keep)
 
     def solve(self, dynamics: Dynamics, ctx: Any, loss: Loss) -> CostateResult:
         T = check_horizon(dynamics)
@@ -295,7 +303,7 @@ class AdjointSweep(_Solver):
     """
 
     def __init__(self, keep: bool = False):
-        self.keep = keep
+        self.keep = _check_keep(keep)
 
     def solve(self, dynamics: Dynamics, ctx: Any, loss: Loss) -> CostateResult:
         sweep = _Sweep(dynamics, ctx, loss, self.keep)
@@ -353,7 +361,7 @@ class CheckpointedSweep(_Solver):
         if isinstance(checkpoints, bool) or not isinstance(checkpoints, int) or checkpoints < 1:
             raise ValueError(f"CheckpointedSweep: checkpoints must be an integer >= 1, "
                              f"got {checkpoints!r}")
-        self.checkpoints, self.keep = checkpoints, keep
+        self.checkpoints, self.keep = checkpoints, _check_keep(keep)
 
     def solve(self, dynamics: Dynamics, ctx: Any, loss: Loss) -> CostateResult:
         sweep = _Sweep(dynamics, ctx, loss, self.keep)

@@ -101,13 +101,13 @@ def check_state(x: Any, previous: Tensor | None, t: int) -> Tensor:
     return x
 
 
-def check_loss(value: Any) -> Tensor:
-    """Check that the terminal loss ``ℓ(x_T)`` is a real scalar tensor."""
+def check_loss(value: Any, what: str = "loss(x_T)") -> Tensor:
+    """Check that a loss (by default the terminal loss ``ℓ(x_T)``) is a real scalar tensor."""
     if not isinstance(value, Tensor):
-        raise ValueError(f"loss(x_T) must return a scalar torch.Tensor, got {type(value).__name__}")
+        raise ValueError(f"{what} must return a scalar torch.Tensor, got {type(value).__name__}")
     if value.numel() != 1 or value.dim() > 1:
-        raise ValueError(f"loss(x_T) must return a scalar, got shape {tuple(value.shape)}; "
+        raise ValueError(f"{what} must return a scalar, got shape {tuple(value.shape)}; "
                          "reduce it (e.g. .mean()) before returning")
     if value.is_complex() or not value.is_floating_point():
-        raise ValueError(f"loss(x_T) must be a real floating-point scalar, got dtype {value.dtype}")
+        raise ValueError(f"{what} must be a real floating-point scalar, got dtype {value.dtype}")
     return value.reshape(())

@@ -68,12 +68,30 @@ def check_dynamics(
     Passes when every relative error is at most ``rtol``; returns the report as a dict.
     """
     T = check_horizon(dynamics)
+    if not (isinstance(rtol, (int, float)) and not isinstance(rtol, bool) and math.isfinite(rtol)
+            and rtol > 0):
+        raise ValueError(f"check_dynamics: rtol must be a finite number > 0, got {rtol!r}")
+    if solvers is not None:
+        solvers = list(solvers)
+        bad = [s for s in solvers if isinstance(s, type) or not callable(getattr(s, "solve", None))]
+        if not solvers or bad:
+            raise ValueError("check_dynamics: solvers must list solver instances such as "
+                             "bk.AdjointSweep(keep=True), got " + (repr(bad[0]) if bad else "none"))
     dyn = to_float64(copy.deepcopy(dynamics))
     ctx64 = to_float64(copy.deepcopy(ctx))  # modules in ctx are converted in place
     if solvers is None:
         ks = sorted({1, max(1, math.isqrt(T + 1)), T + 1})
         solvers = [AdjointSweep(keep=True), *(CheckpointedSweep(k, keep=True) for k in ks)]
-    ref = AutogradCostate(keep=True).solve(dyn, ctx64, loss)
+    try:
+        ref = AutogradCostate(keep=True).solve(dyn, ctx64, loss)
+    except RuntimeError as err:
+        if not any(w in str(err) for w in ("dtype", "scalar type", "Double", "Float")):
+            raise
+        raise ValueError(
+            "check_dynamics works on a float64 copy of the dynamics and ctx; a tensor the "
+            "dynamics or the loss captured from outside them (a target or operator in the loss "
+            "closure, say) keeps its dtype: pass it in float64 or through ctx. torch said: "
+            + str(err).split("\n")[0]) from None
     rows: list[tuple[str, str, float]] = []
 
     def compare(label: str, result: CostateResult) -> None:

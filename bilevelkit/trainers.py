@@ -23,12 +23,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.utils.data import default_collate
+from torch.utils.data import Dataset, default_collate
 
 from . import hypergrad as hg
 from . import normalizers
 from .costate import AdjointSweep
-from .dynamics import Dynamics
+from .dynamics import Dynamics, check_loss
 
 __all__ = ["TerminalLoss", "NonFiniteError", "MLMTrainer", "BilevelTrainer", "cosine"]
 
@@ -56,8 +56,10 @@ class TerminalLoss:
 
     def __call__(self, model: Dynamics, batch: Any) -> Tensor:
         states = model.rollout(self.context(batch))
-        value = self.terminal(states[-1], batch)
-        return value if self.initial is None else value + self.initial(states[0], batch)
+        value = check_loss(self.terminal(states[-1], batch), "terminal(x_T, batch)")
+        if self.initial is None:
+            return value
+        return value + check_loss(self.initial(states[0], batch), "initial(x_0, batch)")
 
 
 def _world() -> tuple[int, int]:
@@ -82,6 +84,48 @@ def _finite_or_raise(value: Tensor, what: str) -> None:
                              "the step was not applied and the last good state is kept")
 
 
+def _check_epochs(epochs: Any) -> None:
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+        raise ValueError(f"epochs must be an integer >= 0 (the epoch count to reach), got {epochs!r}")
+
+
+def _check_costate(costate: Any, loss: Any) -> None:
+    """A solver instance, given with a :class:`TerminalLoss` (a plain loss would ignore it)."""
+    if costate is None:
+        return
+    if isinstance(costate, type) or not callable(getattr(costate, "backward", None)):
+        raise ValueError(f"costate must be a solver instance such as bk.AdjointSweep() or "
+                         f"bk.CheckpointedSweep(3), got {costate!r}")
+    if not isinstance(loss, TerminalLoss):
+        raise ValueError("costate needs the loss as a TerminalLoss(context, terminal): the solver "
+                         "runs the dynamics itself; a plain loss(model, batch) is trained by "
+                         "autograd, so leave costate out with it")
+
+
+def _check_groups(name: str, groups: Any) -> None:
+    """A sequence of datasets, not one dataset (whose samples would each become a group)."""
+    if isinstance(groups, Dataset) or not isinstance(groups, Sequence):
+        raise ValueError(f"{name} must be a list of datasets, one per "
+                         f"{'group' if name == 'train_groups' else 'task'}; got "
+                         f"{type(groups).__name__}" + (" (one dataset: wrap it in a list)"
+                                                       if isinstance(groups, Dataset) else ""))
+
+
+def _check_normalizer(normalizer: Callable, n: int, dtype: torch.dtype, device: Any) -> None:
+    """A callable σ is called as ``σ(scores, dim=0)`` and must land on the simplex."""
+    probe = 0.5 * torch.arange(n, dtype=dtype, device=device)
+    try:
+        w = normalizer(probe, dim=0)
+    except TypeError as err:
+        raise ValueError(f"a normalizer is called as normalizer(scores, dim=0) and must map each "
+                         f"slice along dim onto the simplex; calling it failed: {err}") from None
+    if not (isinstance(w, Tensor) and w.shape == probe.shape and bool((w >= 0).all())
+            and abs(float(w.sum()) - 1) < 1e-4):
+        raise ValueError(f"a normalizer must map scores onto the probability simplex (weights "
+                         f">= 0 summing to 1 along dim); it maps {probe.tolist()} to "
+                         f"{w.tolist() if isinstance(w, Tensor) else w!r}")
+
+
 def _backward(model: nn.Module, loss: Callable, batch: Any, scale: float | Tensor,
               costate: Any) -> Tensor:
     """Accumulate ``scale · ∇_θ loss(model, batch)`` into ``.grad``; return the loss value."""
@@ -95,7 +139,7 @@ def _backward(model: nn.Module, loss: Callable, batch: Any, scale: float | Tenso
                 (scale * value_0).backward()
             value = value + value_0.detach()
         return value
-    value = loss(model, batch)
+    value = check_loss(loss(model, batch), "loss(model, batch)")
     (scale * value).backward()
     return value.detach()
 
@@ -135,6 +179,7 @@ class MLMTrainer:
     def __init__(self, dynamics: Dynamics, loss: TerminalLoss | Callable, *, costate: Any = None,
                  lr: float = 1e-3, optimizer: torch.optim.Optimizer | None = None,
                  callbacks: Sequence[Callback] = ()):
+        _check_costate(costate, loss)
         self.dynamics, self.loss = dynamics, loss
         self.costate = AdjointSweep() if costate is None else costate
         self.optimizer = optimizer or torch.optim.Adam(dynamics.parameters(), lr=lr)
@@ -162,8 +207,15 @@ class MLMTrainer:
 
     def fit(self, batches: Callable[[int], Any] | Sequence[Any], epochs: int) -> list[float]:
         """Run until ``epochs``; ``batches`` is a sequence of batches or ``epoch -> iterable``."""
+        _check_epochs(epochs)
+        if isinstance(batches, Dataset):
+            raise ValueError("batches must be a sequence of batches (a DataLoader, a list) or a "
+                             "function epoch -> batches; got a Dataset, whose items are single "
+                             "samples: wrap it in a DataLoader")
         while self.epoch < epochs:
             losses = [self.step(b) for b in (batches(self.epoch) if callable(batches) else batches)]
+            if not losses:
+                raise ValueError(f"epoch {self.epoch}: batches gave no batch to train on")
             logs = {"epoch": self.epoch, "loss": sum(losses) / max(len(losses), 1)}
             self.epoch += 1
             for cb in self.callbacks:
@@ -218,7 +270,13 @@ class BilevelTrainer:
     ``lr_schedule(e)`` multiplies ``lr`` for the lower steps of epoch ``e`` (from 0), e.g.
     :func:`cosine`; a function of the epoch alone, so a resumed run continues it exactly.
 
-    ``callbacks(trainer, logs)`` run after every epoch (logging, checkpoints),
+    ``normalizer`` is a name of ``normalizers.NAMES`` or a callable ``σ(scores, dim=0)`` that
+    maps each slice along ``dim`` onto the simplex (checked once on a probe). Complex
+    parameters take part in the hypergradient as their real views ``(..., 2)``.
+
+    ``callbacks(trainer, logs)`` run after every epoch (logging, checkpoints; ``logs`` has
+    ``epoch``, ``train_loss``, ``val_loss``, ``weights`` and, with :class:`Implicit`
+    hypergradients, ``hypergrad_residual``, the largest relative residual of the epoch's solves),
     ``step_callbacks(trainer, "lower" | "upper", losses)`` after every step (progress bars). A
     non-finite loss, gradient or hypergradient raises :class:`NonFiniteError` naming the epoch
     and task before anything is updated.
@@ -252,6 +310,13 @@ class BilevelTrainer:
         callbacks: Sequence[Callback] = (),
         step_callbacks: Sequence[Callable[[Any, str, list[float]], None]] = (),
     ):
+        _check_groups("train_groups", train_groups)
+        _check_groups("val_tasks", val_tasks)
+        _check_costate(costate, loss)
+        if hypergrad is not None and (isinstance(hypergrad, type) or not callable(hypergrad)):
+            raise ValueError("hypergrad must be a strategy instance such as "
+                             "bk.hypergrad.Unrolled(steps=1, lr=0.01), FirstOrder(...) or "
+                             f"Implicit(...), got {hypergrad!r}")
         if not train_groups or not val_tasks:
             raise ValueError("BilevelTrainer needs at least one training group and one "
                              f"validation task, got {len(train_groups)} and {len(val_tasks)}")
@@ -281,7 +346,8 @@ class BilevelTrainer:
         self.hypergrad = hypergrad or hg.Unrolled(steps=1, lr=inner_lr)
         self.lower_steps, self.upper_steps = lower_steps, upper_steps
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
-        if groups_per_step is not None and (not isinstance(groups_per_step, int) or groups_per_step < 1):
+        if groups_per_step is not None and (not isinstance(groups_per_step, int)
+                                            or isinstance(groups_per_step, bool) or groups_per_step < 1):
             raise ValueError(f"groups_per_step must be None or an integer >= 1, got {groups_per_step!r}")
         self.groups_per_step = groups_per_step
         self.costate, self.callbacks = costate, list(callbacks)
@@ -297,13 +363,17 @@ class BilevelTrainer:
             for m in self.models[1:]:
                 m.set_submodule(name, common)
         ref = next(iter(self.models[0].parameters()), torch.zeros(()))
-        dtype = ref.dtype if ref.is_floating_point() else torch.get_default_dtype()
+        dtype = (ref.dtype.to_real() if ref.is_floating_point() or ref.is_complex()
+                 else torch.get_default_dtype())  # Ω is real: complex64 weights give float32
         self.omega = torch.zeros((N, M) if M > 1 else (N,), dtype=dtype, device=ref.device)
+        if not isinstance(normalizer, str):
+            _check_normalizer(self.normalizer, N, dtype, ref.device)
         self.optimizer = torch.optim.Adam(self._unique_params(), lr=lr)
         self.meta_optimizer = torch.optim.Adam([self.omega], lr=meta_lr)
         self.sampler = _Sampler(seed, collate)
         self.epoch = 0
         self.history: list[dict] = []
+        self._residuals: list[float] = []  # of implicit hypergradients' solves, this epoch
 
     def _param_name(self, param: nn.Parameter) -> str:
         """``task 'name', parameter 'sub.module.weight'`` (the first task holding a shared one)."""
@@ -392,17 +462,26 @@ class BilevelTrainer:
             # so the loss has no data-dependent branch (torch.compile) and no device syncs
             support = [i for i, x in enumerate(w.tolist()) if x > 0]
 
-            def group_loss(params, bound=bound, batch=None, buffers=buffers):
-                return functional_call(bound, {**buffers, **params}, (batch,))
+            # hypergradients work on real tensors: a complex weight takes part as its real view
+            # (..., 2), whose gradient is torch's (∂/∂Re + i ∂/∂Im) for complex parameters
+            params = {f"model.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
+            complex_names = frozenset(n for n, p in params.items() if p.is_complex())
+            params = {n: torch.view_as_real(p) if n in complex_names else p for n, p in params.items()}
+
+            def as_model(params, buffers=buffers, complex_names=complex_names):
+                return {**buffers, **{n: torch.view_as_complex(p) if n in complex_names else p
+                                      for n, p in params.items()}}
+
+            def group_loss(params, bound=bound, batch=None, as_model=as_model):
+                return functional_call(bound, as_model(params), (batch,))
 
             # term by term, so that a one-step look-ahead takes each group's gradient once
             inner_loss = hg.WeightedSum({i: functools.partial(group_loss, batch=batches[i])
                                          for i in support})
 
-            def outer_loss(params, bound=bound, val=val, buffers=buffers):
-                return functional_call(bound, {**buffers, **params}, (val,))
+            def outer_loss(params, bound=bound, val=val, as_model=as_model):
+                return functional_call(bound, as_model(params), (val,))
 
-            params = {f"model.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
             try:
                 res = self.hypergrad(inner_loss, outer_loss, params, omega.detach(),
                                      normalizer=self.normalizer)
@@ -415,6 +494,8 @@ class BilevelTrainer:
             else:
                 grad[:, j] = res.hypergrad
             val_losses[j] = res.outer_loss
+            if res.residual is not None:
+                self._residuals.append(res.residual)
         _all_reduce([grad, val_losses], mean=False)
         for j in range(len(self.models)):
             column = grad if grad.dim() == 1 else grad[:, j]
@@ -444,6 +525,9 @@ class BilevelTrainer:
         mean = lambda rows: [sum(c) / len(c) for c in zip(*rows)] if rows else []  # noqa: E731
         logs = {"epoch": self.epoch, "train_loss": mean(train), "val_loss": mean(val),
                 "weights": self.weights.cpu().tolist()}
+        if self._residuals:  # an unconverged implicit solve shows here
+            logs["hypergrad_residual"] = max(self._residuals)
+            self._residuals = []
         self.epoch += 1
         self.history.append(logs)
         for cb in self.callbacks:
@@ -452,6 +536,7 @@ class BilevelTrainer:
 
     def fit(self, epochs: int) -> list[dict]:
         """Run epochs until ``self.epoch == epochs`` (resumes where a restored state left off)."""
+        _check_epochs(epochs)
         while self.epoch < epochs:
             self.run_epoch()
         return self.history

@@ -507,6 +507,9 @@ class Recorder:
             save_atomic(state, self.out / "best.pt")
         log.info("epoch %d: train %.5f  val %.5f  W range [%.3f, %.3f]", epoch, mean_train,
                  mean_val, float(W.min()), float(W.max()))
+        if "hypergrad_residual" in logs:  # an implicit solve that did not converge shows here
+            log.info("epoch %d: largest relative residual of the implicit hypergradients %.3g",
+                     epoch, logs["hypergrad_residual"])
         self.bar.set_postfix(train=f"{mean_train:.4f}", val=f"{mean_val:.4f}")
         self.bar.update(1)
 

@@ -65,7 +65,8 @@ def test_bad_horizon(solver, horizon):
 def test_unused_parameter_is_named(solver):
     dyn = Toy()
     dyn.extra = nn.Parameter(torch.zeros(2, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"'extra' require grad but no phase .* uses them"):
+    with pytest.raises(ValueError, match=r"'extra' require grad but no phase gave them a "
+                                         r"gradient: no phase uses"):
         solver.solve(dyn, ctx(), sq)
     dyn.extra.requires_grad_(False)  # frozen parameters are fine
     assert set(solver.solve(dyn, ctx(), sq).grads) == {"w.0", "w.1", "w.2"}
@@ -101,3 +102,38 @@ def test_lagrangian_checks_lengths():
     lag = bk.Lagrangian(Toy(), sq)
     with pytest.raises(ValueError, match=r"expected 4 multipliers \(t = 0..3\), got 2"):
         lag.value(ctx(), [ctx()] * 4, [ctx()] * 2)
+
+
+class InnerGradient(bk.Dynamics):
+    """x_t = x_{t-1} − w_t ∇_x D(x_{t-1}) with D(x) = Σ log cosh(A x − y), its gradient taken
+    inside the phase by ``torch.func.grad`` or by ``torch.autograd.grad`` under enable_grad."""
+
+    def __init__(self, how, horizon=3):
+        super().__init__()
+        self.how, self.horizon = how, horizon
+        self.w = nn.Parameter(torch.tensor([0.3, 0.2, 0.4], dtype=torch.float64))
+
+    def initial(self, ctx):
+        return ctx["x0"].clone()
+
+    def step(self, t, x, ctx):
+        def data(z):
+            return torch.log(torch.cosh(ctx["A"] @ z - ctx["y"])).sum()
+        if self.how == "func":
+            g = torch.func.grad(data)(x)
+        else:
+            with torch.enable_grad():
+                z = x if x.requires_grad else x.detach().requires_grad_()
+                (g,) = torch.autograd.grad(data(z), z, create_graph=True)
+        return x - self.w[t - 1] * g
+
+
+@pytest.mark.parametrize("how", ["func", "autograd"])
+def test_a_phase_that_differentiates_inside_nests_as_documented(how):
+    """guide.md, rule 5: such phases pass check_dynamics (every solver against autograd)."""
+    g = torch.Generator().manual_seed(0)
+    c = {"A": torch.randn(5, 4, generator=g, dtype=torch.float64),
+         "y": torch.randn(5, generator=g, dtype=torch.float64),
+         "x0": torch.randn(4, generator=g, dtype=torch.float64)}
+    report = bk.testing.check_dynamics(InnerGradient(how), c, lambda x: (x ** 2).sum())
+    assert any(q == "grad w" for _, q, _ in report["rows"])  # it raises if any check fails

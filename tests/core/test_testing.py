@@ -180,3 +180,21 @@ def test_lagrangian_refuses_a_real_multiplier_for_a_complex_state():
     real = [m.real if t == 1 else m for t, m in enumerate(ref.multipliers)]
     with pytest.raises(ValueError, match="multiplier λ_1"):
         bk.Lagrangian(dyn, loss).value(ctx, ref.states, real)
+
+
+def test_bad_arguments_and_a_float32_tensor_in_the_loss_are_named():
+    dyn = RandomDynamics(3, 3, False, "both", "tanh", True, 0)
+    ctx = {"f": torch.randn(2, 3, dtype=torch.float64)}
+    loss = make_loss(torch.zeros(2, 3))
+    for kwargs, message in [({"rtol": -1.0}, "rtol must be a finite number > 0"),
+                            ({"rtol": float("nan")}, "rtol must be a finite number > 0"),
+                            ({"solvers": []}, "solvers must list solver instances.*got none"),
+                            ({"solvers": ["adjoint"]}, "solvers must list .*got 'adjoint'"),
+                            ({"solvers": [bk.AdjointSweep]}, "solvers must list .*AdjointSweep")]:
+        with pytest.raises(ValueError, match=message):
+            bk.testing.check_dynamics(dyn, ctx, loss, **kwargs)
+    A = torch.randn(3, 3)  # float32, captured by the closure: not promoted
+    with pytest.raises(ValueError, match=r"float64 copy of the dynamics and ctx.*pass it in float64 "
+                                         r"or through ctx\. torch said: "):
+        bk.testing.check_dynamics(dyn, ctx, lambda x: ((x @ A.T) ** 2).mean())
+    bk.testing.check_dynamics(dyn, ctx, lambda x: ((x @ A.double().T) ** 2).mean())  # as advised

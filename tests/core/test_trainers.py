@@ -208,6 +208,61 @@ def test_bad_arguments():
         BilevelTrainer(linear(), mse, train, val, mode="both")
     with pytest.raises(ValueError, match="shared='nope'"):
         BilevelTrainer(linear(), mse, train, val, shared=("nope",))
+    for kwargs, message in [
+            ({"hypergrad": "implicit"}, "hypergrad must be a strategy instance"),
+            ({"hypergrad": bk.hypergrad.FirstOrder}, "hypergrad must be a strategy instance"),
+            ({"costate": "adjoint"}, "costate must be a solver instance"),
+            ({"costate": bk.AdjointSweep}, "costate must be a solver instance"),
+            ({"costate": bk.AdjointSweep()}, "costate needs the loss as a TerminalLoss"),
+            ({"normalizer": lambda w: torch.softmax(w, 0)}, r"called as normalizer\(scores, dim=0\)"),
+            ({"normalizer": lambda w, dim: torch.sigmoid(w)}, "onto the probability simplex")]:
+        with pytest.raises(ValueError, match=message):
+            BilevelTrainer(linear(), mse, train, val, **kwargs)
+    with pytest.raises(ValueError, match=r"train_groups must be a list of datasets, one per group; "
+                                         r"got TensorDataset \(one dataset: wrap it in a list\)"):
+        BilevelTrainer(linear(), mse, train[0], val)
+    with pytest.raises(ValueError, match="val_tasks must be a list of datasets, one per task"):
+        BilevelTrainer(linear(), mse, train, val[0])
+    with pytest.raises(ValueError, match="costate needs the loss as a TerminalLoss"):
+        MLMTrainer(linear(), mse, costate=bk.AdjointSweep())
+    with pytest.raises(ValueError, match="groups_per_step must be None or an integer"):
+        BilevelTrainer(linear(), mse, train, val, groups_per_step=True)
+    for bad in (2.5, -1, True):
+        with pytest.raises(ValueError, match="epochs must be an integer >= 0"):
+            BilevelTrainer(linear(), mse, train, val).fit(bad)
+    with pytest.raises(ValueError, match="keep must be True or False, got 'yes'"):
+        bk.AdjointSweep(keep="yes")
+    with pytest.raises(ValueError, match="keep must be True or False"):
+        bk.CheckpointedSweep(3, keep=1)
+    mlm = MLMTrainer(linear(), mse)
+    with pytest.raises(ValueError, match="epoch 0: batches gave no batch to train on"):
+        mlm.fit([], 3)
+    with pytest.raises(ValueError, match="got a Dataset, whose items are single samples"):
+        mlm.fit(train[0], 1)
+    with pytest.raises(ValueError, match="epochs must be an integer >= 0"):
+        mlm.fit([train[0][:8]], 2.5)
+    # a callable normalizer that keeps the contract trains like the built-in one
+    a = BilevelTrainer(linear(), mse, train, val, normalizer=lambda w, dim=0: torch.softmax(w, dim),
+                       batch_size=8)
+    b = BilevelTrainer(linear(), mse, train, val, batch_size=8)
+    a.fit(2)
+    b.fit(2)
+    assert torch.equal(a.omega, b.omega)
+
+
+def test_a_loss_that_is_not_a_scalar_is_named():
+    train, val = cleaning_problem()
+    per_sample = lambda model, batch: (model(batch[0]).squeeze(-1) - batch[1]) ** 2  # noqa: E731
+    with pytest.raises(ValueError, match=r"loss\(model, batch\) must return a scalar, got shape"):
+        BilevelTrainer(linear(), per_sample, train, val, batch_size=8).fit(1)
+    dyn, batches, _ = dynamics_problem()  # the plain rollout (no costate solver) checks too
+    terminal = TerminalLoss(context=lambda b: {"f": b[0]}, terminal=lambda x, b: (x - b[1]).abs() ** 2)
+    with pytest.raises(ValueError, match=r"terminal\(x_T, batch\) must return a scalar, got shape"):
+        terminal(dyn, batches[0])
+    initial = TerminalLoss(context=lambda b: {"f": b[0]}, terminal=lambda x, b: x.abs().mean(),
+                           initial=lambda x, b: x.abs())
+    with pytest.raises(ValueError, match=r"initial\(x_0, batch\) must return a scalar, got shape"):
+        initial(dyn, batches[0])
 
 
 def test_initial_state_loss_reaches_theta_0_like_autograd():
@@ -484,3 +539,38 @@ def test_a_bad_lr_schedule_factor_names_the_epoch(factor):
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="cosine: epochs must be an integer >= 1"):
             bk.trainers.cosine(bad)
+
+
+class ComplexLinear(torch.nn.Module):
+    """y = Re(x · w) with a complex weight, or the same weight held as its real view (d, 2)."""
+
+    def __init__(self, w, as_real):
+        super().__init__()
+        self.as_real = as_real
+        self.w = torch.nn.Parameter(torch.view_as_real(w).clone() if as_real else w.clone())
+
+    def forward(self, x):
+        w = torch.view_as_complex(self.w) if self.as_real else self.w
+        return (x.to(w.dtype) @ w).real.unsqueeze(-1)
+
+
+@pytest.mark.parametrize("hypergrad", [bk.hypergrad.Unrolled(steps=2, lr=0.1),
+                                       bk.hypergrad.Unrolled(steps=2, lr=0.05, optimizer="adam"),
+                                       bk.hypergrad.Implicit(steps=2, lr=0.1, iters=5)],
+                         ids=["sgd", "adam", "implicit"])
+def test_complex_parameters_take_part_in_the_upper_step_as_their_real_view(hypergrad):
+    """A complex weight's run equals the run of the same model written with the weight's real
+    view (an independent parametrisation): Ω and the weights agree after lower and upper steps."""
+    train, val = cleaning_problem(M=2)
+    w = torch.randn(5, dtype=torch.complex128, generator=torch.Generator().manual_seed(4))
+    runs = []
+    for as_real in (False, True):
+        trainer = BilevelTrainer(ComplexLinear(w, as_real), mse, train, val, hypergrad=hypergrad,
+                                 lr=0.05, meta_lr=0.3, batch_size=8, seed=3)
+        trainer.fit(3)
+        runs.append(trainer)
+    complex_run, real_run = runs
+    assert not torch.equal(complex_run.omega, torch.zeros_like(complex_run.omega))
+    torch.testing.assert_close(complex_run.omega, real_run.omega, rtol=1e-10, atol=1e-12)
+    for a, b in zip(complex_run.models, real_run.models):
+        torch.testing.assert_close(torch.view_as_real(a.w.detach()), b.w.detach(), rtol=1e-10, atol=1e-12)
