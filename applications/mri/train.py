@@ -91,7 +91,7 @@ class TrainConfig:
     upper_steps: int = 1
     batch_size: int = 2
     lr: float = 3e-3
-    lr_schedule: str = "constant"
+    lr_schedule: str = "cosine"
     meta_lr: float = 0.1
     seed: int = 0
     device: str = "auto"
@@ -667,10 +667,11 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
                              f"checkpoint's: {state.get('task_names')}): "
                              + str(err).split("\n")[0]) from None
         torch.set_rng_state(state["torch_rng"])
+        # the checkpoint's optimizer states carry the old rates (for the lower level, the
+        # schedule's rate of the last epoch): the run's rates, given or kept, replace them
         for optimizer, name in ((trainer.optimizer, "lr"), (trainer.meta_optimizer, "meta_lr")):
-            if name in given:  # the checkpoint's optimizer state carries the old rate
-                for group in optimizer.param_groups:
-                    group["lr"] = getattr(cfg, name)
+            for group in optimizer.param_groups:
+                group["lr"] = getattr(cfg, name)
     def start_writing() -> None:  # everything checked: from here on the run writes to --out
         try:
             out.mkdir(parents=True, exist_ok=True)

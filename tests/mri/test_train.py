@@ -305,9 +305,13 @@ def test_non_finite_training_stops_with_one_message_and_resume_takes_a_new_lr(tm
     assert train.main(quick(out, cache, "--epochs", "1")) == 0
     assert train.main(quick(out, cache, "--resume", "--epochs", "2", "--lr", "1e-4", "--meta-lr", "0.05")) == 0
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert [g["lr"] for g in state["trainer"]["optimizer"]["param_groups"]] == [1e-4]
+    # the new rate, under the default cosine schedule over 2 epochs: (1 + cos(π/2)) / 2 in epoch 1
+    assert [g["lr"] for g in state["trainer"]["optimizer"]["param_groups"]] == [1e-4 * 0.5]
     assert [g["lr"] for g in state["trainer"]["meta_optimizer"]["param_groups"]] == [0.05]
     assert state["config"]["lr"] == 1e-4 and state["trainer"]["epoch"] == 2
+    assert train.main(quick(out, cache, "--resume", "--epochs", "3", "--lr-schedule", "constant")) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert [g["lr"] for g in state["trainer"]["optimizer"]["param_groups"]] == [1e-4]
 
 # --- pieces of the CLIs, without training -------------------------------------------------
 
