@@ -105,7 +105,7 @@ def check_loss(value: Any, what: str = "loss(x_T)") -> Tensor:
     """Check that a loss (by default the terminal loss ``ℓ(x_T)``) is a real scalar tensor."""
     if not isinstance(value, Tensor):
         raise ValueError(f"{what} must return a scalar torch.Tensor, got {type(value).__name__}")
-    if value.numel() != 1 or value.dim() > 1:
+    if value.numel() != 1:
         raise ValueError(f"{what} must return a scalar, got shape {tuple(value.shape)}; "
                          "reduce it (e.g. .mean()) before returning")
     if value.is_complex() or not value.is_floating_point():

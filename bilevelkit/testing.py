@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 from typing import Any, Callable, Sequence
 
 import torch
@@ -68,7 +69,7 @@ def check_dynamics(
     Passes when every relative error is at most ``rtol``; returns the report as a dict.
     """
     T = check_horizon(dynamics)
-    if not (isinstance(rtol, (int, float)) and not isinstance(rtol, bool) and math.isfinite(rtol)
+    if not (isinstance(rtol, numbers.Real) and not isinstance(rtol, bool) and math.isfinite(rtol)
             and rtol > 0):
         raise ValueError(f"check_dynamics: rtol must be a finite number > 0, got {rtol!r}")
     if solvers is not None:

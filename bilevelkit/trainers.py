@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, IterableDataset, default_collate
 
 from . import hypergrad as hg
 from . import normalizers
@@ -84,9 +85,18 @@ def _finite_or_raise(value: Tensor, what: str) -> None:
                              "the step was not applied and the last good state is kept")
 
 
-def _check_epochs(epochs: Any) -> None:
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+def _integer(value: Any) -> int | None:
+    """``value`` as an int if it is an integer (Python's or numpy's, not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
+def _check_epochs(epochs: Any) -> int:
+    n = _integer(epochs)
+    if n is None or n < 0:
         raise ValueError(f"epochs must be an integer >= 0 (the epoch count to reach), got {epochs!r}")
+    return n
 
 
 def _check_costate(costate: Any, loss: Any) -> None:
@@ -134,7 +144,7 @@ def _backward(model: nn.Module, loss: Callable, batch: Any, scale: float | Tenso
         value = costate.backward(model, ctx, lambda x: scale * loss.terminal(x, batch)) / scale
         if loss.initial is not None:
             with torch.enable_grad():
-                value_0 = loss.initial(model.initial(ctx), batch)
+                value_0 = check_loss(loss.initial(model.initial(ctx), batch), "initial(x_0, batch)")
             if value_0.requires_grad:
                 (scale * value_0).backward()
             value = value + value_0.detach()
@@ -207,15 +217,17 @@ class MLMTrainer:
 
     def fit(self, batches: Callable[[int], Any] | Sequence[Any], epochs: int) -> list[float]:
         """Run until ``epochs``; ``batches`` is a sequence of batches or ``epoch -> iterable``."""
-        _check_epochs(epochs)
-        if isinstance(batches, Dataset):
+        epochs = _check_epochs(epochs)
+        if isinstance(batches, Dataset) and not isinstance(batches, IterableDataset):
             raise ValueError("batches must be a sequence of batches (a DataLoader, a list) or a "
                              "function epoch -> batches; got a Dataset, whose items are single "
                              "samples: wrap it in a DataLoader")
         while self.epoch < epochs:
             losses = [self.step(b) for b in (batches(self.epoch) if callable(batches) else batches)]
             if not losses:
-                raise ValueError(f"epoch {self.epoch}: batches gave no batch to train on")
+                raise ValueError(f"epoch {self.epoch}: batches gave no batch to train on (a one-shot "
+                                 "iterator, such as a generator, is used up after one epoch: pass "
+                                 "a list, a DataLoader or a function epoch -> batches)")
             logs = {"epoch": self.epoch, "loss": sum(losses) / max(len(losses), 1)}
             self.epoch += 1
             for cb in self.callbacks:
@@ -236,9 +248,10 @@ class MLMTrainer:
 def cosine(epochs: int) -> Callable[[int], float]:
     """Half-cosine decay over ``epochs``: epoch ``e`` (from 0) gets ``(1 + cos(π e / epochs)) / 2``
     of the learning rate, 1 at the first epoch, near 0 at the last. For ``lr_schedule``."""
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+    n = _integer(epochs)
+    if n is None or n < 1:
         raise ValueError(f"cosine: epochs must be an integer >= 1, got {epochs!r}")
-    return lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs))
+    return lambda e: 0.5 * (1 + math.cos(math.pi * e / n))
 
 
 class _Bound(nn.Module):
@@ -343,6 +356,8 @@ class BilevelTrainer:
                     raise ValueError(f"{kind} {name!r} is empty")
         self.loss, self.train_groups, self.val_tasks = loss, list(train_groups), list(val_tasks)
         self.mode, self.normalizer = mode, normalizers.get(normalizer)
+        if not isinstance(normalizer, str):  # called as σ(Ω, dim=0) here, σ(column) by strategies
+            self.normalizer = functools.partial(self.normalizer, dim=0)
         self.hypergrad = hypergrad or hg.Unrolled(steps=1, lr=inner_lr)
         self.lower_steps, self.upper_steps = lower_steps, upper_steps
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
@@ -469,8 +484,10 @@ class BilevelTrainer:
             params = {n: torch.view_as_real(p) if n in complex_names else p for n, p in params.items()}
 
             def as_model(params, buffers=buffers, complex_names=complex_names):
-                return {**buffers, **{n: torch.view_as_complex(p) if n in complex_names else p
-                                      for n, p in params.items()}}
+                # torch.complex, not view_as_complex: the strategies may hand over slices of one
+                # flat vector, whose offsets view_as_complex refuses
+                return {**buffers, **{n: torch.complex(p[..., 0], p[..., 1]) if n in complex_names
+                                      else p for n, p in params.items()}}
 
             def group_loss(params, bound=bound, batch=None, as_model=as_model):
                 return functional_call(bound, as_model(params), (batch,))
@@ -509,9 +526,13 @@ class BilevelTrainer:
     def run_epoch(self) -> dict:
         """Lower steps, then (in meta mode) upper steps; returns the epoch's logs."""
         if self.lr_schedule is not None:
-            factor = self.lr_schedule(self.epoch)
-            if not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor < 0:
-                raise ValueError(f"lr_schedule({self.epoch}) returned {factor!r}; expected a "
+            got = self.lr_schedule(self.epoch)
+            try:  # Python and numpy numbers and one-element tensors
+                factor = float(got)
+            except (TypeError, ValueError, RuntimeError):
+                factor = float("nan")
+            if isinstance(got, bool) or not math.isfinite(factor) or factor < 0:
+                raise ValueError(f"lr_schedule({self.epoch}) returned {got!r}; expected a "
                                  "finite number >= 0 (the factor of lr for that epoch)")
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr * factor
@@ -525,9 +546,14 @@ class BilevelTrainer:
         mean = lambda rows: [sum(c) / len(c) for c in zip(*rows)] if rows else []  # noqa: E731
         logs = {"epoch": self.epoch, "train_loss": mean(train), "val_loss": mean(val),
                 "weights": self.weights.cpu().tolist()}
-        if self._residuals:  # an unconverged implicit solve shows here
-            logs["hypergrad_residual"] = max(self._residuals)
-            self._residuals = []
+        residual = max(self._residuals, default=-1.0)  # an unconverged implicit solve shows here
+        self._residuals = []
+        if _world()[1] > 1:  # every process solves for its own tasks: the largest of them all
+            worst = torch.tensor([residual], dtype=torch.float64, device=self.omega.device)
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+            residual = float(worst)
+        if residual >= 0:
+            logs["hypergrad_residual"] = residual
         self.epoch += 1
         self.history.append(logs)
         for cb in self.callbacks:
@@ -536,7 +562,7 @@ class BilevelTrainer:
 
     def fit(self, epochs: int) -> list[dict]:
         """Run epochs until ``self.epoch == epochs`` (resumes where a restored state left off)."""
-        _check_epochs(epochs)
+        epochs = _check_epochs(epochs)
         while self.epoch < epochs:
             self.run_epoch()
         return self.history

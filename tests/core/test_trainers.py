@@ -241,13 +241,48 @@ def test_bad_arguments():
         mlm.fit(train[0], 1)
     with pytest.raises(ValueError, match="epochs must be an integer >= 0"):
         mlm.fit([train[0][:8]], 2.5)
-    # a callable normalizer that keeps the contract trains like the built-in one
-    a = BilevelTrainer(linear(), mse, train, val, normalizer=lambda w, dim=0: torch.softmax(w, dim),
-                       batch_size=8)
+    # callables that keep the contract (called with dim, or with dim bound) train like the built-in
     b = BilevelTrainer(linear(), mse, train, val, batch_size=8)
-    a.fit(2)
     b.fit(2)
-    assert torch.equal(a.omega, b.omega)
+    for sigma in (lambda w, dim=0: torch.softmax(w, dim), torch.softmax,
+                  lambda w, *, dim: torch.softmax(w, dim)):
+        a = BilevelTrainer(linear(), mse, train, val, normalizer=sigma, batch_size=8)
+        a.fit(2)
+        assert torch.equal(a.omega, b.omega)
+
+
+def test_numpy_numbers_and_one_element_losses_are_accepted():
+    np = pytest.importorskip("numpy")
+    train, val = cleaning_problem()
+    runs = []
+    for schedule, epochs in ((bk.trainers.cosine(4), 2), (bk.trainers.cosine(np.int64(4)), np.int64(2)),
+                             (lambda e: np.float32(bk.trainers.cosine(4)(e)), 2),
+                             (lambda e: torch.tensor(bk.trainers.cosine(4)(e), dtype=DT), 2)):
+        trainer = BilevelTrainer(linear(), mse, train, val, batch_size=8, lr_schedule=schedule)
+        trainer.fit(epochs)
+        runs.append(trainer.optimizer.param_groups[0]["lr"])
+    assert runs[0] == runs[1] == runs[3] and runs[2] == pytest.approx(runs[0], rel=1e-6)
+    with pytest.raises(ValueError, match=r"lr_schedule\(0\) returned True"):
+        BilevelTrainer(linear(), mse, train, val, lr_schedule=lambda e: True).fit(1)
+    column = lambda model, batch: mse(model, batch).reshape(1, 1)  # noqa: E731  (r.T @ r / n)
+    BilevelTrainer(linear(), column, train, val, batch_size=8).fit(1)
+    bk.testing.check_dynamics(RandomDynamics(2, 3, False, "both", "tanh", True, 0),
+                              {"f": torch.randn(2, 3, dtype=DT)}, lambda x: (x ** 2).sum(),
+                              rtol=np.float32(1e-6))
+
+
+def test_mlm_fit_takes_an_iterable_dataset_of_batches():
+    train, _ = cleaning_problem()
+
+    class Batches(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([train[0][:8], train[0][8:16]])
+
+    trainer = MLMTrainer(linear(), mse)
+    assert len(trainer.fit(Batches(), 2)) == 4
+    once = (b for b in [train[0][:8]])
+    with pytest.raises(ValueError, match="epoch 1: batches gave no batch.*one-shot iterator"):
+        MLMTrainer(linear(), mse).fit(once, 2)
 
 
 def test_a_loss_that_is_not_a_scalar_is_named():
@@ -263,6 +298,8 @@ def test_a_loss_that_is_not_a_scalar_is_named():
                            initial=lambda x, b: x.abs())
     with pytest.raises(ValueError, match=r"initial\(x_0, batch\) must return a scalar, got shape"):
         initial(dyn, batches[0])
+    with pytest.raises(ValueError, match=r"initial\(x_0, batch\) must return a scalar, got shape"):
+        MLMTrainer(dyn, initial, costate=bk.AdjointSweep()).step(batches[0])  # the costate path
 
 
 def test_initial_state_loss_reaches_theta_0_like_autograd():
@@ -542,22 +579,27 @@ def test_a_bad_lr_schedule_factor_names_the_epoch(factor):
 
 
 class ComplexLinear(torch.nn.Module):
-    """y = Re(x · w) with a complex weight, or the same weight held as its real view (d, 2)."""
+    """y = Re(x · w) + b with a complex weight, or the same weight held as its real view (d, 2).
+    The scalar b comes first, so in one flat vector of the parameters w starts at an odd
+    offset (the costate and compiled routes slice such a vector)."""
 
     def __init__(self, w, as_real):
         super().__init__()
         self.as_real = as_real
+        self.b = torch.nn.Parameter(torch.zeros(1, dtype=DT))
         self.w = torch.nn.Parameter(torch.view_as_real(w).clone() if as_real else w.clone())
 
-    def forward(self, x):
-        w = torch.view_as_complex(self.w) if self.as_real else self.w
-        return (x.to(w.dtype) @ w).real.unsqueeze(-1)
+    def forward(self, x):  # torch.complex: view_as_complex refuses a slice at an odd offset
+        w = torch.complex(self.w[..., 0], self.w[..., 1]) if self.as_real else self.w
+        return (x.to(w.dtype) @ w).real.unsqueeze(-1) + self.b
 
 
 @pytest.mark.parametrize("hypergrad", [bk.hypergrad.Unrolled(steps=2, lr=0.1),
                                        bk.hypergrad.Unrolled(steps=2, lr=0.05, optimizer="adam"),
+                                       bk.hypergrad.Unrolled(steps=2, lr=0.1, costate=bk.AdjointSweep()),
+                                       bk.hypergrad.Unrolled(steps=2, lr=0.1, compile=True),
                                        bk.hypergrad.Implicit(steps=2, lr=0.1, iters=5)],
-                         ids=["sgd", "adam", "implicit"])
+                         ids=["sgd", "adam", "costate", "compile", "implicit"])
 def test_complex_parameters_take_part_in_the_upper_step_as_their_real_view(hypergrad):
     """A complex weight's run equals the run of the same model written with the weight's real
     view (an independent parametrisation): Ω and the weights agree after lower and upper steps."""
@@ -574,3 +616,65 @@ def test_complex_parameters_take_part_in_the_upper_step_as_their_real_view(hyper
     torch.testing.assert_close(complex_run.omega, real_run.omega, rtol=1e-10, atol=1e-12)
     for a, b in zip(complex_run.models, real_run.models):
         torch.testing.assert_close(torch.view_as_real(a.w.detach()), b.w.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(a.b.detach(), b.b.detach(), rtol=1e-10, atol=1e-12)
+
+
+RESIDUAL_SCRIPT = """# BilevelTrainer with implicit hypergradients in 1 or 2 processes: writes the logged residuals
+import json, sys
+import torch
+from torch.utils.data import TensorDataset
+import bilevelkit as bk
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+    import os
+    if "RANK" in os.environ:
+        dist.init_process_group("gloo")
+    g = torch.Generator().manual_seed(int(sys.argv[2]))
+    beta = torch.randn(5, generator=g, dtype=torch.float64)
+
+    def group(n, scale):
+        x = torch.randn(n, 5, generator=g, dtype=torch.float64)
+        return TensorDataset(x, scale * (x @ beta) + 0.1 * torch.randn(n, generator=g, dtype=torch.float64))
+
+    train = [group(16, s) for s in (1.0, -1.0, 2.0, 0.5)]
+    val = [group(16, s) for s in (1.0, -2.0, 0.3, 3.0)]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    loss = lambda m, b: ((m(b[0]).squeeze(-1) - b[1]) ** 2).mean()
+    tr = bk.trainers.BilevelTrainer(model, loss, train, val, batch_size=8, val_batch_size=8,
+                                    hypergrad=bk.hypergrad.Implicit(steps=1, lr=0.1, solver="neumann", iters=3))
+    per_task = []
+    orig = tr.hypergrad
+    def spy(*a, **k):
+        r = orig(*a, **k); per_task.append(r.residual); return r
+    tr.hypergrad = spy
+    tr.fit(2)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with open(sys.argv[1], "w") as fh:
+            json.dump({"logged": [h["hypergrad_residual"] for h in tr.history], "per_task": per_task}, fh)
+"""
+
+
+def test_implicit_residual_in_the_logs_is_the_largest_over_all_processes(tmp_path):
+    """Under torch.distributed each process solves for its own tasks; the epoch's logs carry the
+    largest residual of all of them, as one process computes it (seed 1: a task of process 1
+    has it in epoch 0, so process 0's own tasks alone would log less)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "resid.py"
+    script.write_text(RESIDUAL_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one.json"), "1"], env=env,
+                   check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--standalone", str(script), str(tmp_path / "two.json"), "1"], env=env,
+                   check=True, timeout=300, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert len(one["logged"]) == 2
+    assert one["logged"][0] == max(one["per_task"][:4])
+    assert two["logged"] == pytest.approx(one["logged"], rel=1e-9)
+    assert max(two["per_task"][:2]) < two["logged"][0]  # process 0's own tasks had less
