@@ -136,6 +136,34 @@ def _check_normalizer(normalizer: Callable, n: int, dtype: torch.dtype, device: 
                          f"{w.tolist() if isinstance(w, Tensor) else w!r}")
 
 
+def _real_dtypes(obj: Any) -> set[torch.dtype]:
+    """The real dtypes (complex64 counts as float32) of the float tensors in a nested batch."""
+    if isinstance(obj, Tensor):
+        return {obj.dtype.to_real()} if obj.is_floating_point() or obj.is_complex() else set()
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return set().union(*(_real_dtypes(x) for x in items))
+
+
+def _backward_named(model: nn.Module, loss: Callable, batch: Any, scale: float | Tensor,
+                    costate: Any, where: str) -> Tensor:
+    """:func:`_backward`; a dtype mismatch between the model and the batch is named."""
+    try:
+        return _backward(model, loss, batch, scale, costate)
+    except RuntimeError as err:
+        ours = _real_dtypes(list(model.parameters()))
+        theirs = _real_dtypes(batch)
+        text = str(err)
+        dtype_words = ("dtype", "scalar type", "Input type", "Double", "Float", "Half")
+        if not (ours and theirs - ours and any(w in text for w in dtype_words)):
+            raise
+        fmt = lambda ds: ", ".join(sorted(str(d).replace("torch.", "") for d in ds))  # noqa: E731
+        raise ValueError(
+            f"{where}: the loss failed on a dtype mismatch: the model's parameters are "
+            f"{fmt(ours)}, the batch holds {fmt(theirs)} tensors; convert the data (e.g. in "
+            f"collate) or the model (e.g. model.double()). torch said: {text.splitlines()[0]}"
+        ) from None
+
+
 def _backward(model: nn.Module, loss: Callable, batch: Any, scale: float | Tensor,
               costate: Any) -> Tensor:
     """Accumulate ``scale · ∇_θ loss(model, batch)`` into ``.grad``; return the loss value."""
@@ -200,7 +228,8 @@ class MLMTrainer:
     def step(self, batch: Any) -> float:
         """One iteration on ``batch``; returns its loss."""
         self.optimizer.zero_grad(set_to_none=True)
-        value = _backward(self.dynamics, self.loss, batch, 1.0, self.costate)
+        value = _backward_named(self.dynamics, self.loss, batch, 1.0, self.costate,
+                                f"epoch {self.epoch}, step {len(self.history)}")
         grads = [p.grad for p in self.dynamics.parameters() if p.grad is not None]
         _all_reduce([value, *grads])
         try:
@@ -436,7 +465,9 @@ class BilevelTrainer:
             for i, c in self._lower_terms(j):
                 if i not in batches:
                     batches[i] = self.sampler.batch(self.train_groups[i], self.batch_size)
-                total = total + c * _backward(model, self.loss, batches[i], c, self.costate)
+                total = total + c * _backward_named(
+                    model, self.loss, batches[i], c, self.costate,
+                    f"epoch {self.epoch}, task {self.task_names[j]!r}, group {self.group_names[i]!r}")
             losses.append(total)
         params = self._unique_params()
         _all_reduce([*losses, *(p.grad for p in params if p.grad is not None)])

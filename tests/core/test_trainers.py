@@ -678,3 +678,19 @@ def test_implicit_residual_in_the_logs_is_the_largest_over_all_processes(tmp_pat
     assert one["logged"][0] == max(one["per_task"][:4])
     assert two["logged"] == pytest.approx(one["logged"], rel=1e-9)
     assert max(two["per_task"][:2]) < two["logged"][0]  # process 0's own tasks had less
+
+
+def test_a_model_and_batch_of_different_dtypes_are_named():
+    x = torch.randn(16, 5, dtype=DT)
+    data = TensorDataset(x, x.sum(1))
+    conv = torch.nn.Sequential(torch.nn.Unflatten(1, (1, 5)), torch.nn.Conv1d(1, 1, 3),
+                               torch.nn.Flatten(), torch.nn.Linear(3, 1))
+    for model in (torch.nn.Linear(5, 1), conv):  # float32 weights, float64 data
+        with pytest.raises(ValueError, match=r"epoch 0, task 'task0', group 'group0': the loss failed "
+                                             r"on a dtype mismatch: the model's parameters are "
+                                             r"float32, the batch holds float64 tensors"):
+            BilevelTrainer(model, mse, [data, data], [data], batch_size=4).fit(1)
+        with pytest.raises(ValueError, match=r"epoch 0, step 0: the loss failed on a dtype mismatch"):
+            MLMTrainer(model, mse).fit([data[:8]], 1)
+    with pytest.raises(RuntimeError, match="boom"):  # other errors pass through unchanged
+        MLMTrainer(linear(), lambda m, b: (_ for _ in ()).throw(RuntimeError("boom"))).fit([data[:8]], 1)
