@@ -628,8 +628,9 @@ import bilevelkit as bk
 if __name__ == "__main__":
     import torch.distributed as dist
     import os
-    if "RANK" in os.environ:
-        dist.init_process_group("gloo")
+    if len(sys.argv) > 3:  # rank, world size, rendezvous file: no port to race for
+        dist.init_process_group("gloo", init_method="file://" + sys.argv[5], rank=int(sys.argv[3]),
+                                world_size=int(sys.argv[4]))
     g = torch.Generator().manual_seed(int(sys.argv[2]))
     beta = torch.randn(5, generator=g, dtype=torch.float64)
 
@@ -670,9 +671,15 @@ def test_implicit_residual_in_the_logs_is_the_largest_over_all_processes(tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), str(tmp_path / "one.json"), "1"], env=env,
                    check=True, timeout=300)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--standalone", str(script), str(tmp_path / "two.json"), "1"], env=env,
-                   check=True, timeout=300, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # two processes joined through a rendezvous file (torchrun would pick a free port, which a
+    # launch running beside this test can take first)
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "two.json"), "1",
+                               str(rank), "2", str(tmp_path / "rendezvous")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    for rank, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"process {rank} failed:\n{err[-3000:]}"
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert len(one["logged"]) == 2
     assert one["logged"][0] == max(one["per_task"][:4])
