@@ -579,7 +579,8 @@ class BilevelTrainer:
                 "weights": self.weights.cpu().tolist()}
         residual = max(self._residuals, default=-1.0)  # an unconverged implicit solve shows here
         self._residuals = []
-        if _world()[1] > 1:  # every process solves for its own tasks: the largest of them all
+        # every process solves for its own tasks: the largest of them all (no upper step, no solve)
+        if _world()[1] > 1 and self.mode == "meta" and self.upper_steps:
             worst = torch.tensor([residual], dtype=torch.float64, device=self.omega.device)
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)
             residual = float(worst)
