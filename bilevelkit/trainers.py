@@ -311,6 +311,9 @@ class BilevelTrainer:
     ``costate`` (with a :class:`TerminalLoss`) trains the lower level by a costate solver.
     ``lr_schedule(e)`` multiplies ``lr`` for the lower steps of epoch ``e`` (from 0), e.g.
     :func:`cosine`; a function of the epoch alone, so a resumed run continues it exactly.
+    ``upper_loss(model, batch)`` is the upper objective on the validation tasks (default
+    ``loss``), e.g. a metric the lower level cannot be trained on, or one that weighs every
+    validation sample alike; the upper steps' ``val_loss`` logs are its values.
 
     ``normalizer`` is a name of ``normalizers.NAMES`` or a callable ``σ(scores, dim=0)`` that
     maps each slice along ``dim`` onto the simplex (checked once on a probe). Complex
@@ -347,6 +350,7 @@ class BilevelTrainer:
         shared: Sequence[str] = (),
         costate: Any = None,
         lr_schedule: Callable[[int], float] | None = None,
+        upper_loss: Callable[[nn.Module, Any], Tensor] | None = None,
         seed: int = 0,
         collate: Callable = default_collate,
         callbacks: Sequence[Callback] = (),
@@ -383,7 +387,11 @@ class BilevelTrainer:
             for name, data in zip(names, sets):
                 if len(data) == 0:
                     raise ValueError(f"{kind} {name!r} is empty")
+        if upper_loss is not None and not callable(upper_loss):
+            raise ValueError(f"upper_loss must be a function (model, batch) -> scalar, got {upper_loss!r}")
         self.loss, self.train_groups, self.val_tasks = loss, list(train_groups), list(val_tasks)
+        self.upper_loss = loss if upper_loss is None else (  # named if it is not a scalar
+            lambda model, batch: check_loss(upper_loss(model, batch), "upper_loss(model, batch)"))
         self.mode, self.normalizer = mode, normalizers.get(normalizer)
         if not isinstance(normalizer, str):  # called as σ(Ω, dim=0) here, σ(column) by strategies
             self.normalizer = functools.partial(self.normalizer, dim=0)
@@ -527,7 +535,7 @@ class BilevelTrainer:
             inner_loss = hg.WeightedSum({i: functools.partial(group_loss, batch=batches[i])
                                          for i in support})
 
-            def outer_loss(params, bound=bound, val=val, as_model=as_model):
+            def outer_loss(params, bound=_Bound(model, self.upper_loss), val=val, as_model=as_model):
                 return functional_call(bound, as_model(params), (val,))
 
             try:

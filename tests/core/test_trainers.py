@@ -701,3 +701,46 @@ def test_a_model_and_batch_of_different_dtypes_are_named():
             MLMTrainer(model, mse).fit([data[:8]], 1)
     with pytest.raises(RuntimeError, match="boom"):  # other errors pass through unchanged
         MLMTrainer(linear(), lambda m, b: (_ for _ in ()).throw(RuntimeError("boom"))).fit([data[:8]], 1)
+
+
+def test_upper_loss_is_the_objective_of_the_upper_step():
+    """With ``upper_loss`` the upper step descends d upper_loss(θ − η Σ_i W_i ∇ℓ_i(θ)) / dΩ:
+    Ω under SGD(lr=1) moves by minus that, computed here by autograd through the look-ahead;
+    the logged validation losses are ``upper_loss``'s, and ``loss`` itself is not used there."""
+    train, val = cleaning_problem(N=3, M=2)
+    eta = 0.1
+
+    def mean_log(model, batch):  # the mean log of every sample's squared error
+        X, y = batch
+        return ((model(X).squeeze(-1) - y) ** 2).log().mean()
+
+    trainer = BilevelTrainer(linear(), mse, train, val, upper_loss=mean_log, batch_size=None,
+                             hypergrad=bk.hypergrad.Unrolled(steps=1, lr=eta))
+    trainer.meta_optimizer = torch.optim.SGD([trainer.omega], lr=1.0)
+    omega = torch.randn(trainer.omega.shape, generator=torch.Generator().manual_seed(5), dtype=DT)
+    with torch.no_grad():
+        trainer.omega.copy_(omega)
+    logged = trainer.upper_step()
+
+    whole = [ds.tensors for ds in train]
+    for j, model in enumerate(trainer.models):
+        om = omega[:, j].clone().requires_grad_()
+        w = torch.softmax(om, 0)
+        params = dict(model.named_parameters())
+        inner = sum(w[i] * mse(lambda X: torch.func.functional_call(model, params, (X,)), b)
+                    for i, b in enumerate(whole))
+        grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
+        new = {n: p - eta * g for (n, p), g in zip(params.items(), grads)}
+        outer = mean_log(lambda X: torch.func.functional_call(model, new, (X,)), val[j].tensors)
+        expected = torch.autograd.grad(outer, om)[0]
+        torch.testing.assert_close(omega[:, j] - trainer.omega[:, j].detach(), expected,
+                                   rtol=1e-9, atol=1e-12)
+        assert logged[j] == pytest.approx(float(outer.detach()), rel=1e-12)
+        with torch.no_grad():
+            assert abs(float(outer) - float(mse(model, val[j].tensors))) > 1e-3  # not the training loss
+    with pytest.raises(ValueError, match="upper_loss must be a function"):
+        BilevelTrainer(linear(), mse, train, val, upper_loss="log")
+    per_sample = BilevelTrainer(linear(), mse, train, val,
+                                upper_loss=lambda m, b: (m(b[0]).squeeze(-1) - b[1]) ** 2)
+    with pytest.raises(ValueError, match=r"upper_loss\(model, batch\) must return a scalar, got shape \(32,\)"):
+        per_sample.fit(1)
