@@ -1,4 +1,4 @@
-"""Training loss of the unrolled network (docs/mri.md, "The network"), the same at both levels.
+"""Training loss of the unrolled network (docs/mri.md, "The network"), and the upper objective.
 
     ℓ = ‖RSS(u_T) − RSS(u*)‖₁  +  ‖u_T − u*‖²  +  0.01 ‖u_0 − u*‖₁      (means over pixels)
 
@@ -10,11 +10,17 @@ no parameters — the contract every costate solver relies on (a parameter insid
 get no gradient from the sweep). The ``u_0`` term is a loss on the initial state, added by
 :class:`bilevelkit.trainers.TerminalLoss`'s ``initial`` hook. Optional: ``ssim_weight`` adds
 ``w·(1 − SSIM)`` of the magnitude images.
+
+The upper level (the Ω steps) sees the same loss slice by slice, through :meth:`ReconLoss.mean_log`:
+the mean over validation slices of ``log ℓ(slice)`` (``--upper-loss log``, the default), in
+which every slice counts by its relative error, as in a mean of PSNRs; with the plain mean
+(``--upper-loss mean``) the slices with the largest errors weigh most in its steps.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from applications.mri import metrics, operators
@@ -43,19 +49,38 @@ class ReconLoss:
     initial_weight: float = 0.01
     ssim_weight: float = 0.0
 
-    def terminal(self, u_T: Tensor, batch: dict) -> Tensor:
-        """``‖RSS(u_T) − ref‖₁ + ‖u_T − u*‖² (+ w(1 − SSIM))``."""
+    def terminal(self, u_T: Tensor, batch: dict, per_slice: bool = False) -> Tensor:
+        """``‖RSS(u_T) − ref‖₁ + ‖u_T − u*‖² (+ w(1 − SSIM))``; with ``per_slice`` one value
+        per slice of the batch, ``(B,)`` (SSIM then takes each slice's own maximum as range)."""
         ref = batch["target"]
         # a reference smaller than the k-space's image (fastMRI: 320 × 320 of 640 × 368) is
         # compared with the image's centre, as fastMRI's metrics do
         image = operators.center_crop(reconstruction(u_T), ref.shape)
         ref = ref.to(image.dtype)
-        loss = self.image_weight * (image - ref).abs().mean()
-        loss = loss + self.coil_weight * (u_T - _coil_target(batch, u_T)).abs().pow(2).mean()
+        mean = _per_slice if per_slice else Tensor.mean
+        loss = self.image_weight * mean((image - ref).abs())
+        loss = loss + self.coil_weight * mean((u_T - _coil_target(batch, u_T)).abs().pow(2))
         if self.ssim_weight:
-            loss = loss + self.ssim_weight * (1 - metrics.ssim(ref, image))
+            ssim = (torch.stack([metrics.ssim(r, x) for r, x in zip(ref, image)]) if per_slice
+                    else metrics.ssim(ref, image))
+            loss = loss + self.ssim_weight * (1 - ssim)
         return loss
 
-    def initial(self, u_0: Tensor, batch: dict) -> Tensor:
-        """``0.01 ‖u_0 − u*‖₁``."""
-        return self.initial_weight * (u_0 - _coil_target(batch, u_0)).abs().mean()
+    def initial(self, u_0: Tensor, batch: dict, per_slice: bool = False) -> Tensor:
+        """``0.01 ‖u_0 − u*‖₁`` (with ``per_slice``: per slice, ``(B,)``)."""
+        mean = _per_slice if per_slice else Tensor.mean
+        return self.initial_weight * mean((u_0 - _coil_target(batch, u_0)).abs())
+
+    def mean_log(self, u_T: Tensor, batch: dict, u_0: Tensor | None = None) -> Tensor:
+        """The mean over slices of ``log(terminal + initial)`` of each slice (``initial`` only
+        with ``u_0``): each slice counts by its relative change, as in a mean of PSNRs, so a
+        slice reconstructed well weighs as much as a hard one (``--upper-loss log``)."""
+        loss = self.terminal(u_T, batch, per_slice=True)
+        if u_0 is not None:
+            loss = loss + self.initial(u_0, batch, per_slice=True)
+        return loss.log().mean()
+
+
+def _per_slice(x: Tensor) -> Tensor:
+    """The mean over every axis but the first (the batch)."""
+    return x.flatten(1).mean(1)

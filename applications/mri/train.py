@@ -92,6 +92,7 @@ class TrainConfig:
     batch_size: int = 2
     lr: float = 3e-3
     lr_schedule: str = "cosine"
+    upper_loss: str = "log"
     meta_lr: float = 0.1
     seed: int = 0
     device: str = "auto"
@@ -124,6 +125,7 @@ CHOICES = {"mode": ("meta", "joint"), "val_tasks": ("anatomy", "task"),
            "costate": ("autograd", "sweep", "checkpointed"),
            "initial": ("kspace_cnn", "none"), "warm_start": ("cg_sense", "zero_filled"),
            "operator": ("coil", "sense"), "lr_schedule": ("cosine", "constant"),
+           "upper_loss": ("mean", "log"),
            "device": ("auto", "cpu", "cuda")}
 
 HELP = {
@@ -172,6 +174,10 @@ HELP = {
     "batch_size": "slices per training group in a minibatch", "lr": "lower-level Adam learning rate",
     "lr_schedule": "schedule of --lr over --epochs: cosine decays it by a half cosine, from "
                    "--lr at the first epoch to near 0 at the last; constant keeps it",
+    "upper_loss": "objective of the Ω steps on a validation minibatch: mean, the training loss "
+                  "(a mean over its slices and pixels); log, the mean over its slices of the log "
+                  "of each slice's loss, so that every slice counts by its relative error as in "
+                  "a mean PSNR",
     "meta_lr": "Adam learning rate of Ω", "seed": "seed of data, masks, initialisation and minibatches",
     "memory_gb": "GiB of slices (and coil maps) kept in memory between epochs; beyond it they "
                  "are read and computed again each time (the same results, slower)",
@@ -568,8 +574,9 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
         state = load_checkpoint(out / "checkpoint.pt", "cpu")
         lacking = [k for k in ("torch_rng", "trained_on") if k not in state]
         try:
-            # runs from before --lr-schedule trained at a constant rate
-            saved = TrainConfig(**{"lr_schedule": "constant", **state["config"]})
+            # runs from before --lr-schedule trained at a constant rate, from before
+            # --upper-loss on the mean loss
+            saved = TrainConfig(**{"lr_schedule": "constant", "upper_loss": "mean", **state["config"]})
         except TypeError as err:  # an option this version does not have
             lacking.append(f"config ({err})")
         if lacking:
@@ -642,6 +649,11 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
     loss = bk.trainers.TerminalLoss(
         context=lambda b: {k: b[k] for k in keys if k in b}, terminal=recon.terminal,
         initial=recon.initial if cfg.initial == "kspace_cnn" else None)
+
+    def mean_log(model: UnrolledRecon, batch: dict) -> torch.Tensor:  # --upper-loss log
+        states = model.rollout(loss.context(batch))
+        return recon.mean_log(states[-1], batch, states[0] if loss.initial else None)
+
     shared = ("initial_net",) if cfg.share_initial and cfg.initial == "kspace_cnn" else ()
     trainer = bk.trainers.BilevelTrainer(
         model, loss, groups, val_sets, group_names=plan["seen"], task_names=val_names,
@@ -651,6 +663,7 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
         groups_per_step=cfg.groups_per_step or None,
         shared=shared, costate=costate_solver(cfg.costate, cfg.checkpoints), seed=cfg.seed,
         lr_schedule=bk.trainers.cosine(cfg.epochs) if cfg.lr_schedule == "cosine" else None,
+        upper_loss=mean_log if cfg.upper_loss == "log" else None,
         collate=lambda items: {k: v.to(device) for k, v in default_collate(items).items()})
     trained_on = trained_slices(dataset, plan)
     if state is not None:

@@ -449,14 +449,15 @@ def test_resume_uses_the_checkpoint_config_with_given_options_on_top(tmp_path, m
         train.main(["--out", str(out), "--resume", "--config", str(more)])
     assert (seen["cfg"].epochs, seen["cfg"].lr) == (9, 0.01)
     assert seen["cfg"].lr_schedule == "cosine"  # the checkpoint's
-    # a checkpoint from before --lr-schedule trained at a constant rate and goes on at one
+    # a checkpoint from before --lr-schedule trained at a constant rate and goes on at one; from
+    # before --upper-loss, on the plain mean
     old = dataclasses.asdict(saved)
-    del old["lr_schedule"]
+    del old["lr_schedule"], old["upper_loss"]
     torch.save({"config": old, "trainer": {}, "torch_rng": torch.get_rng_state(), "trained_on": {}},
                out / "checkpoint.pt")
     with pytest.raises(Stop):
         train.main(["--out", str(out), "--resume"])
-    assert seen["cfg"].lr_schedule == "constant"
+    assert (seen["cfg"].lr_schedule, seen["cfg"].upper_loss) == ("constant", "mean")
     with pytest.raises(Stop):
         train.main(["--out", str(out), "--resume", "--lr-schedule", "cosine"])
     assert seen["cfg"].lr_schedule == "cosine"
@@ -873,3 +874,31 @@ def test_quick_keeps_the_tasks_of_a_data_folder(tmp_path):
     cfg, _ = train.resolve(["--quick", "--data", str(tmp_path), "--tasks", "AXT1_BRAIN"])
     assert cfg.tasks == ["AXT1_BRAIN"]
     assert train.resolve(["--quick"])[0].tasks == train.QUICK["tasks"]
+
+
+def test_upper_loss_log_is_the_mean_log_of_each_slices_loss(tmp_path, cache, monkeypatch):
+    """--upper-loss log hands the trainer mean_b log ℓ(slice b), checked against the training
+    loss of each validation slice alone; the default keeps the training loss itself."""
+    made = []
+
+    class Recording(train.bk.trainers.BilevelTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(train.bk.trainers, "BilevelTrainer", Recording)
+    omegas = {}
+    for choice in ("mean", "log"):
+        out = tmp_path / choice
+        assert train.main(quick(out, cache, "--epochs", "1", "--upper-loss", choice)) == 0
+        omegas[choice] = final_weights(out)[1]
+    plain, log = made
+    assert plain.upper_loss is plain.loss
+    model, val = log.models[0], log.val_tasks[0]
+    batch = log.sampler.collate([val[0], val[1]])
+    alone = [log.loss(model, log.sampler.collate([val[b]])) for b in (0, 1)]
+    with torch.no_grad():
+        expected = (torch.log(alone[0]) + torch.log(alone[1])) / 2
+        torch.testing.assert_close(log.upper_loss(model, batch), expected, rtol=1e-5, atol=0)
+        assert abs(float(log.upper_loss(model, batch)) - float(torch.log(log.loss(model, batch)))) > 1e-4
+    assert not torch.equal(omegas["mean"], omegas["log"])
