@@ -720,7 +720,8 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
     def step_done(tr: bk.trainers.BilevelTrainer, kind: str, losses: list[float]) -> None:
         if steps.n >= steps.total:
             steps.reset()
-        steps.set_postfix({f"{kind} loss": f"{sum(losses) / len(losses):.4f}"})
+        what = "upper log loss" if kind == "upper" and cfg.upper_loss == "log" else f"{kind} loss"
+        steps.set_postfix({what: f"{sum(losses) / len(losses):.4f}"})
         steps.update(1)
 
     trainer.step_callbacks.append(step_done)
