@@ -2,7 +2,8 @@
 
 Runs ``python -m applications.mri.train`` in ``--mode meta`` and ``--mode joint`` (and, with
 ``--sense``, the SENSE network started from CG-SENSE; ``--only meta-zf`` is the network started
-from the zero-filled k-space, no coil maps anywhere) on the synthetic catalogue with the same
+from the zero-filled k-space, no coil maps anywhere; ``--only meta-mean`` meta-learning on the
+plain mean validation loss, ``--upper-loss mean``) on the synthetic catalogue with the same
 options, then prints a table of mean PSNR/SSIM over the seen and the unseen tasks for the model,
 zero-filled and CG-SENSE, per-task PSNR, and the training time; writes the table as JSON and as
 Markdown (for docs/benchmarks.md). ``--seeds`` repeats every run for several data seeds (the CLI's
@@ -26,6 +27,7 @@ from applications.mri import train
 VARIANTS = {
     "meta": ["--mode", "meta"],
     "joint": ["--mode", "joint"],
+    "meta-mean": ["--mode", "meta", "--upper-loss", "mean"],  # the default before the log objective
     "meta-sense": ["--mode", "meta", "--operator", "sense", "--initial", "none"],
     "joint-sense": ["--mode", "joint", "--operator", "sense", "--initial", "none"],
     "meta-zf": ["--mode", "meta", "--warm-start", "zero_filled"],
