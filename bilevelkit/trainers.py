@@ -3,7 +3,7 @@
 ``MLMTrainer`` trains one dynamics by forward states, backward multipliers (any costate
 solver) and an Adam step on θ. ``BilevelTrainer`` trains M task models on N weighted training
 groups and learns the weight matrix ``W = σ(Ω)`` (``Ω ∈ R^{N×M}``, normalized column by column)
-from the validation losses of the M tasks.
+from the validation losses of the M tasks (the training loss, or a given ``upper_loss``).
 
 Data are plain indexable datasets (``len`` and ``__getitem__``, e.g. a ``TensorDataset`` or an
 MRI ``SliceDataset``); minibatch indices come from the trainer's own seeded generator, so a
@@ -312,8 +312,9 @@ class BilevelTrainer:
     ``lr_schedule(e)`` multiplies ``lr`` for the lower steps of epoch ``e`` (from 0), e.g.
     :func:`cosine`; a function of the epoch alone, so a resumed run continues it exactly.
     ``upper_loss(model, batch)`` is the upper objective on the validation tasks (default
-    ``loss``), e.g. a metric the lower level cannot be trained on, or one that weighs every
-    validation sample alike; the upper steps' ``val_loss`` logs are its values.
+    ``loss``; unused in joint mode), e.g. a metric the lower level is not trained on (it must
+    still be differentiable in the weights) or one that weighs every validation sample alike;
+    the upper steps' ``val_loss`` logs are its values.
 
     ``normalizer`` is a name of ``normalizers.NAMES`` or a callable ``σ(scores, dim=0)`` that
     maps each slice along ``dim`` onto the simplex (checked once on a probe). Complex
@@ -535,7 +536,9 @@ class BilevelTrainer:
             inner_loss = hg.WeightedSum({i: functools.partial(group_loss, batch=batches[i])
                                          for i in support})
 
-            def outer_loss(params, bound=_Bound(model, self.upper_loss), val=val, as_model=as_model):
+            upper = bound if self.upper_loss is self.loss else _Bound(model, self.upper_loss)
+
+            def outer_loss(params, bound=upper, val=val, as_model=as_model):
                 return functional_call(bound, as_model(params), (val,))
 
             try:
@@ -543,8 +546,10 @@ class BilevelTrainer:
                                      normalizer=self.normalizer)
             except (FloatingPointError, hg.NegativeCurvatureError) as err:
                 kind = NonFiniteError if isinstance(err, FloatingPointError) else type(err)
+                named = "" if self.upper_loss is self.loss else \
+                    " (outer_loss is upper_loss(model, batch) on the validation minibatch)"
                 raise kind(f"epoch {self.epoch}, task {self.task_names[j]!r}: hypergradient "
-                           f"failed: {err}; Ω was not updated") from err
+                           f"failed: {err}{named}; Ω was not updated") from err
             if grad.dim() == 1:
                 grad.copy_(res.hypergrad)
             else:

@@ -74,11 +74,13 @@ class ReconLoss:
     def mean_log(self, u_T: Tensor, batch: dict, u_0: Tensor | None = None) -> Tensor:
         """The mean over slices of ``log(terminal + initial)`` of each slice (``initial`` only
         with ``u_0``): each slice counts by its relative change, as in a mean of PSNRs, so a
-        slice reconstructed well weighs as much as a hard one (``--upper-loss log``)."""
+        slice reconstructed well weighs as much as a hard one (``--upper-loss log``). A slice
+        of loss exactly 0 (an all-zero slice, which the network returns as zeros) counts as 0
+        with no gradient, instead of making the objective −∞."""
         loss = self.terminal(u_T, batch, per_slice=True)
         if u_0 is not None:
             loss = loss + self.initial(u_0, batch, per_slice=True)
-        return loss.log().mean()
+        return torch.where(loss > 0, loss, torch.ones_like(loss)).log().mean()
 
 
 def _per_slice(x: Tensor) -> Tensor:

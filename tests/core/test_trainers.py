@@ -720,6 +720,7 @@ def test_upper_loss_is_the_objective_of_the_upper_step():
     omega = torch.randn(trainer.omega.shape, generator=torch.Generator().manual_seed(5), dtype=DT)
     with torch.no_grad():
         trainer.omega.copy_(omega)
+        trainer.models[1].weight.add_(0.3)  # task models that differ: each task's own is used
     logged = trainer.upper_step()
 
     whole = [ds.tensors for ds in train]
@@ -744,3 +745,9 @@ def test_upper_loss_is_the_objective_of_the_upper_step():
                                 upper_loss=lambda m, b: (m(b[0]).squeeze(-1) - b[1]) ** 2)
     with pytest.raises(ValueError, match=r"upper_loss\(model, batch\) must return a scalar, got shape \(32,\)"):
         per_sample.fit(1)
+    log_of_zero = BilevelTrainer(linear(), mse, train, val,
+                                 upper_loss=lambda m, b: (0 * mse(m, b)).log())
+    with pytest.raises(NonFiniteError, match=r"epoch 0, task 'task0': hypergradient failed: .*"
+                                             r"upper_loss\(model, batch\) on the validation minibatch"):
+        log_of_zero.fit(1)
+    assert not log_of_zero.omega.any()

@@ -65,3 +65,22 @@ def test_mean_log_is_the_mean_of_each_slices_log_loss():
     grad = torch.autograd.grad(loss.mean_log(u, batch), u)[0]
     plain = torch.autograd.grad(loss.terminal(u, batch), u)[0]
     assert grad[0].abs().sum() / grad[1:].abs().sum() > 10 * plain[0].abs().sum() / plain[1:].abs().sum()
+
+
+def test_mean_log_of_an_all_zero_slice_is_finite_and_leaves_the_others_alone():
+    """A slice of zeros reconstructed as zeros has loss 0: it adds log 1 = 0 and no gradient,
+    where log 0 would stop training with a non-finite objective."""
+    g = torch.Generator().manual_seed(4)
+    coil_target = torch.randn(3, 2, 8, 8, generator=g, dtype=torch.complex128)
+    coil_target[1] = 0
+    u = (coil_target + 0.1 * torch.randn(3, 2, 8, 8, generator=g, dtype=torch.complex128))
+    u[1] = 0
+    u.requires_grad_()
+    batch = {"coil_target": coil_target, "target": reconstruction(coil_target)}
+    loss = ReconLoss()
+    value = loss.mean_log(u, batch, u)
+    assert torch.isfinite(value)
+    others = loss.terminal(u, batch, per_slice=True) + loss.initial(u, batch, per_slice=True)
+    torch.testing.assert_close(value, (others[0].log() + others[2].log()) / 3, rtol=1e-13, atol=0)
+    grad = torch.autograd.grad(value, u)[0]
+    assert torch.isfinite(grad).all() and not grad[1].any() and grad[0].any()
