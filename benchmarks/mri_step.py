@@ -66,7 +66,9 @@ def lower(model, loss, batch, costate) -> None:
 
 
 def upper(model, loss, batches, val, weighted: bool, lr: float) -> torch.Tensor:
-    """One task's hypergradient as the trainer computes it (σ = softmax, Ω = 0)."""
+    """One task's hypergradient as the trainer computes it (σ = softmax, Ω = 0), on the
+    training loss as upper objective (``--upper-loss mean``; the default log takes the same
+    rollout and reduces it per slice, a cost the timing cannot tell apart)."""
     bound = _Bound(model, loss)
 
     def value(params, batch):

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from applications.mri import train
 
-VARIANTS = {
-    "meta": ["--mode", "meta"],
+VARIANTS = {  # a variant's options are checked against a run it finds in its folder
+    "meta": ["--mode", "meta", "--upper-loss", "log"],
     "joint": ["--mode", "joint"],
     "meta-mean": ["--mode", "meta", "--upper-loss", "mean"],  # the default before the log objective
     "meta-sense": ["--mode", "meta", "--operator", "sense", "--initial", "none"],
@@ -34,8 +34,28 @@ VARIANTS = {
 }
 
 
+def mismatches(folder: Path, options: list[str]) -> list[str]:
+    """The options of ``options`` (``--flag value`` pairs) that the run in ``folder`` (its
+    ``config.toml``) was not trained with; runs from before ``--lr-schedule`` and
+    ``--upper-loss`` trained at a constant rate on the plain mean."""
+    path = folder / "config.toml"
+    if not path.exists():
+        return []
+    saved = {"lr_schedule": "constant", "upper_loss": "mean", **train.tomllib.loads(path.read_text())}
+    wrong = []
+    for flag, value in zip(options[::2], options[1::2]):
+        key = flag.removeprefix("--").replace("-", "_")
+        if str(saved.get(key)) != value:
+            wrong.append(f"{flag} {saved.get(key)} (the variant's: {value})")
+    return wrong
+
+
 def run(name: str, extra: list[str], out: Path, cache: str, epochs: int, seed: int) -> dict:
     folder = out / f"seed{seed}" / name
+    wrong = mismatches(folder, VARIANTS[name])
+    if wrong:
+        raise SystemExit(f"{folder} holds a run of other options than the variant {name!r}: "
+                         f"{', '.join(wrong)}; remove it or pass --out elsewhere")
     if (folder / "metrics.json").exists():  # reuse a finished run, if it is the one asked for
         metrics = json.loads((folder / "metrics.json").read_text())
         if metrics.get("epochs") != epochs:

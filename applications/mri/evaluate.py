@@ -31,7 +31,7 @@ import sys
 import zipfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import torch
 from torch import Tensor
@@ -45,6 +45,14 @@ METHODS = ("model", "zero_filled", "cg_sense")
 
 class UsageError(Exception):
     """Bad command-line input: reported as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, exit code 2: the usage of every option before
+    the message would bury it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every option)\n")
 
 
 # --- samples ---------------------------------------------------------------------------------
@@ -495,7 +503,7 @@ def models_from_checkpoint(state: dict, device: torch.device) -> dict[str, torch
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m applications.mri.evaluate", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python -m applications.mri.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint.pt or best.pt of a training run")
     p.add_argument("--data", required=True, help="folder of fastMRI-layout .h5 files (real or synthetic) "
                    "or one such file, "

@@ -40,7 +40,7 @@ except ModuleNotFoundError:  # Python 3.10
 import bilevelkit as bk
 from applications.mri import masks, phantoms
 from applications.mri.data import CenterCrop, DataError, SliceDataset, fingerprints, generate
-from applications.mri.evaluate import (CachedSubset, MemoryBudget, ReconTransform, UsageError,
+from applications.mri.evaluate import (CachedSubset, MemoryBudget, Parser, ReconTransform, UsageError,
                                        check_examples, check_mask_settings, evaluate_tasks, family,
                                        group_files, load_checkpoint, pick_device, table)
 from applications.mri.losses import ReconLoss
@@ -143,8 +143,8 @@ HELP = {
     "mask": "mask family, for files without a mask_family attribute (real fastMRI files) or to "
             "override it (default: each file's)",
     "acceleration": "acceleration R >= 1 of the mask; 0 takes each file's attribute",
-    "center_fraction": "fully sampled centre fraction of the mask, in (0, 1); 0 takes each "
-                       "file's attribute, else 0.08",
+    "center_fraction": "fully sampled centre fraction of the mask, a number in (0, 1); 0 (the "
+                       "default) takes each file's attribute, or 0.08 for files without one",
     "crop": "centre-crop the coil images and references to H × W before undersampling, so that "
             "volumes of other sizes batch together (fastMRI: 320 320) (default: no crop)",
     "mode": "meta: learn W = σ(Ω); joint: uniform weights (the baseline)",
@@ -177,7 +177,7 @@ HELP = {
     "upper_loss": "objective of the Ω steps on a validation minibatch: mean, the training loss "
                   "(a mean over its slices and pixels); log, the mean over its slices of the log "
                   "of each slice's loss, so that every slice counts by its relative error as in "
-                  "a mean PSNR",
+                  "a mean PSNR (meta mode only; --resume may change it)",
     "meta_lr": "Adam learning rate of Ω", "seed": "seed of data, masks, initialisation and minibatches",
     "memory_gb": "GiB of slices (and coil maps) kept in memory between epochs; beyond it they "
                  "are read and computed again each time (the same results, slower)",
@@ -189,12 +189,13 @@ HELP = {
 # --- configuration ---------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m applications.mri.train", description=__doc__,
+    p = Parser(prog="python -m applications.mri.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--config", metavar="FILE.toml", help="options from a TOML file (CLI overrides it)")
     p.add_argument("--quick", action="store_true", help="tiny configuration for smoke tests (under a minute)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoint.pt; options given with it "
+                   "replace the run's own, except those of its data, split and network")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
@@ -225,17 +226,18 @@ def load_toml(path: str) -> dict:
     except tomllib.TOMLDecodeError as err:
         raise UsageError(f"--config {path}: not valid TOML: {err}") from None
     known = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    out = {}
-    for key, value in raw.items():
-        name = key.replace("-", "_")
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UsageError(f"--config {path}: unknown option {key!r}{hint}; valid options: "
-                             + ", ".join(sorted(known)))
-        out[name] = _typed(value, getattr(TrainConfig(), name), f"--config {path}: option {key!r}",
-                           name in INT_PAIRS)
-    return out
+    unknown = []
+    for key in raw:
+        close = difflib.get_close_matches(key.replace("-", "_"), known, n=1)
+        if key.replace("-", "_") not in known:
+            unknown.append(repr(key) + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if unknown:  # all of them at once, not one per attempt
+        raise UsageError(f"--config {path}: unknown option{'s' * (len(unknown) > 1)} "
+                         f"{', '.join(unknown)}; valid options: {', '.join(sorted(known))}")
+    return {key.replace("-", "_"): _typed(value, getattr(TrainConfig(), key.replace("-", "_")),
+                                          f"--config {path}: option {key!r}",
+                                          key.replace("-", "_") in INT_PAIRS)
+            for key, value in raw.items()}
 
 
 def _typed(value: Any, default: Any, where: str, ints: bool = False) -> Any:
@@ -280,7 +282,13 @@ def resolve(argv: Sequence[str] | None) -> tuple[TrainConfig, argparse.Namespace
     values.update(given)
     cfg = TrainConfig(**values)
     # with --resume, task names are checked once merged with the run's own options (its --data)
-    validate(cfg, tasks=not getattr(args, "resume", False))
+    try:
+        validate(cfg, tasks=not getattr(args, "resume", False))
+    except UsageError as err:  # a value the file set (and the command line did not) names the file
+        name = str(err).split(" ", 1)[0]
+        if name in from_file and name not in given:
+            raise UsageError(f"--config {args.config}: option {err}") from None
+        raise
     args.given = sorted({*from_file, *given})
     return cfg, args
 
@@ -606,6 +614,9 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
                          "another --out")
     if cfg.data:  # config.toml must work from any directory
         cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).expanduser().resolve()))
+    changes = [] if state is None else [
+        f"{f.name} {getattr(saved, f.name)!r} -> {getattr(cfg, f.name)!r}"
+        for f in dataclasses.fields(TrainConfig) if getattr(saved, f.name) != getattr(cfg, f.name)]
     t0 = time.perf_counter()
     resumed_seconds = state.get("seconds", 0.0) if state else 0.0
 
@@ -697,6 +708,9 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
 
     on_rank_0(start_writing, rank)
     setup_logging(out, rank)
+    if state is not None:  # config.toml now holds the new options: the log keeps what changed
+        log.info("resumed after epoch %d; %s", trainer.epoch,
+                 "options changed: " + ", ".join(changes) if changes else "no option changed")
 
     @torch.no_grad()
     def val_loss(tr: bk.trainers.BilevelTrainer) -> list[float]:

@@ -78,7 +78,11 @@ def test_bad_input_exits_2_with_one_message(tmp_path, cache, quick_run, capsys):
             ('share_initial = "false"\n', "option 'share_initial' must be true or false, got 'false'"),
             ("epochs = true\n", "option 'epochs' must be an integer, got True"),
             ("size = [64, true]\n", "option 'size' must be a list of integers"),
-            ("epochs = = 3\n", "not valid TOML")]):
+            ("epochs = = 3\n", "not valid TOML"),
+            ("quick = true\nepochz = 3\n",  # every unknown key at once
+             "unknown options 'quick', 'epochz' (did you mean 'epochs'?)"),
+            ('upper_loss = "median"\n', "option upper_loss must be one of mean, log, got 'median'"),
+            ("epochs = 0\n", "option epochs must be an integer >= 1, got 0")]):
         bad_config = tmp_path / f"bad{i}.toml"
         bad_config.write_text(text)
         cases.append(([*safe, "--config", str(bad_config)], f"--config {bad_config}: {message}"))
@@ -87,6 +91,17 @@ def test_bad_input_exits_2_with_one_message(tmp_path, cache, quick_run, capsys):
         assert train.main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+    # a value the command line sets is its own, and an argparse error is one line, not the usage
+    bad_config = tmp_path / "lr.toml"
+    bad_config.write_text("lr = -2\n")
+    assert train.main([*safe, "--config", str(bad_config), "--lr", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: lr must be a finite number > 0, got -1.0"
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--upper-loss", "median"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "python -m applications.mri.train: error: argument --upper-loss: invalid choice: 'median' "
+        "(choose from 'mean', 'log') (--help lists every option)"]
     # a run refused for its data writes nothing, so the same --out works once the data is right
     assert not (tmp_path / "a").exists()
     # --resume where no epoch ever finished says so instead of "no such file"
@@ -309,9 +324,13 @@ def test_non_finite_training_stops_with_one_message_and_resume_takes_a_new_lr(tm
     assert [g["lr"] for g in state["trainer"]["optimizer"]["param_groups"]] == [1e-4 * 0.5]
     assert [g["lr"] for g in state["trainer"]["meta_optimizer"]["param_groups"]] == [0.05]
     assert state["config"]["lr"] == 1e-4 and state["trainer"]["epoch"] == 2
+    log = (out / "train.log").read_text()  # config.toml holds the new options, the log the change
+    assert "resumed after epoch 1; options changed: epochs 1 -> 2, lr 0.003 -> 0.0001, meta_lr 0.1 -> 0.05\n" in log
     assert train.main(quick(out, cache, "--resume", "--epochs", "3", "--lr-schedule", "constant")) == 0
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert [g["lr"] for g in state["trainer"]["optimizer"]["param_groups"]] == [1e-4]
+    assert "resumed after epoch 2; options changed: epochs 2 -> 3, lr_schedule 'cosine' -> 'constant'\n" \
+        in (out / "train.log").read_text()
 
 # --- pieces of the CLIs, without training -------------------------------------------------
 
