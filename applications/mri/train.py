@@ -190,12 +190,11 @@ HELP = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m applications.mri.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)
+               formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
     p.add_argument("--config", metavar="FILE.toml", help="options from a TOML file (CLI overrides it)")
     p.add_argument("--quick", action="store_true", help="tiny configuration for smoke tests (under a minute)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoint.pt; options given with it "
-                   "replace the run's own, except those of its data, split and network")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoint.pt; "
+                   "options given with it replace the run's own, except those of its data, split and network")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
@@ -226,17 +225,17 @@ def load_toml(path: str) -> dict:
     except tomllib.TOMLDecodeError as err:
         raise UsageError(f"--config {path}: not valid TOML: {err}") from None
     known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    names = {key: key.replace("-", "_") for key in raw}
     unknown = []
-    for key in raw:
-        close = difflib.get_close_matches(key.replace("-", "_"), known, n=1)
-        if key.replace("-", "_") not in known:
+    for key, name in names.items():
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
             unknown.append(repr(key) + (f" (did you mean {close[0]!r}?)" if close else ""))
     if unknown:  # all of them at once, not one per attempt
         raise UsageError(f"--config {path}: unknown option{'s' * (len(unknown) > 1)} "
                          f"{', '.join(unknown)}; valid options: {', '.join(sorted(known))}")
-    return {key.replace("-", "_"): _typed(value, getattr(TrainConfig(), key.replace("-", "_")),
-                                          f"--config {path}: option {key!r}",
-                                          key.replace("-", "_") in INT_PAIRS)
+    return {names[key]: _typed(value, getattr(TrainConfig(), names[key]),
+                               f"--config {path}: option {key!r}", names[key] in INT_PAIRS)
             for key, value in raw.items()}
 
 
