@@ -61,9 +61,10 @@ class ReconLoss:
         loss = self.image_weight * mean((image - ref).abs())
         loss = loss + self.coil_weight * mean((u_T - _coil_target(batch, u_T)).abs().pow(2))
         if self.ssim_weight:
-            ssim = (torch.stack([metrics.ssim(r, x) for r, x in zip(ref, image)]) if per_slice
-                    else metrics.ssim(ref, image))
-            loss = loss + self.ssim_weight * (1 - ssim)
+            def ssim(r: Tensor, x: Tensor) -> Tensor:  # an all-zero reference: SSIM 1 if x = 0, not 0/0
+                return metrics.ssim(r, x, data_range=r.max().clamp_min(torch.finfo(r.dtype).eps))
+            loss = loss + self.ssim_weight * (1 - (torch.stack([ssim(r, x) for r, x in zip(ref, image)])
+                                                   if per_slice else ssim(ref, image)))
         return loss
 
     def initial(self, u_0: Tensor, batch: dict, per_slice: bool = False) -> Tensor:

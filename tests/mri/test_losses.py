@@ -84,3 +84,13 @@ def test_mean_log_of_an_all_zero_slice_is_finite_and_leaves_the_others_alone():
     torch.testing.assert_close(value, (others[0].log() + others[2].log()) / 3, rtol=1e-13, atol=0)
     grad = torch.autograd.grad(value, u)[0]
     assert torch.isfinite(grad).all() and not grad[1].any() and grad[0].any()
+
+
+def test_ssim_term_of_an_all_zero_slice_is_finite():
+    """SSIM's range is the reference's maximum: for an all-zero slice returned as zeros the
+    term is 0 (SSIM 1), not 0/0."""
+    zeros = torch.zeros(2, 2, 8, 8, dtype=torch.complex64)
+    batch = {"coil_target": zeros, "target": reconstruction(zeros)}
+    loss = ReconLoss(ssim_weight=1.0)
+    assert float(loss.terminal(zeros, batch)) == 0
+    assert loss.terminal(zeros, batch, per_slice=True).tolist() == [0, 0]
