@@ -518,8 +518,12 @@ class Recorder:
         if mean_val < self.best:
             self.best = mean_val
             save_atomic(state, self.out / "best.pt")
-        log.info("epoch %d: train %.5f  val %.5f  W range [%.3f, %.3f]", epoch, mean_train,
-                 mean_val, float(W.min()), float(W.max()))
+        upper = ""  # the upper steps' objective on their validation minibatches (meta mode)
+        if logs["val_loss"]:
+            what = "upper log loss" if self.cfg.upper_loss == "log" else "upper loss"
+            upper = f"  {what} {sum(logs['val_loss']) / len(logs['val_loss']):.4f}"
+        log.info("epoch %d: train %.5f  val %.5f%s  W range [%.3f, %.3f]", epoch, mean_train,
+                 mean_val, upper, float(W.min()), float(W.max()))
         if "hypergrad_residual" in logs:  # an implicit solve that did not converge shows here
             log.info("epoch %d: largest relative residual of the implicit hypergradients %.3g",
                      epoch, logs["hypergrad_residual"])

@@ -921,3 +921,7 @@ def test_upper_loss_log_is_the_mean_log_of_each_slices_loss(tmp_path, cache, mon
         torch.testing.assert_close(log.upper_loss(model, batch), expected, rtol=1e-5, atol=0)
         assert abs(float(log.upper_loss(model, batch)) - float(torch.log(log.loss(model, batch)))) > 1e-4
     assert not torch.equal(omegas["mean"], omegas["log"])
+    for choice, what in (("mean", "upper loss"), ("log", "upper log loss")):  # train.log shows it
+        history = torch.load(tmp_path / choice / "checkpoint.pt", weights_only=True)["trainer"]["history"]
+        upper = sum(history[-1]["val_loss"]) / len(history[-1]["val_loss"])
+        assert f"  {what} {upper:.4f}  W range" in (tmp_path / choice / "train.log").read_text()
