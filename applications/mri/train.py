@@ -519,7 +519,7 @@ class Recorder:
             self.best = mean_val
             save_atomic(state, self.out / "best.pt")
         upper = ""  # the upper steps' objective on their validation minibatches (meta mode)
-        if logs["val_loss"]:
+        if logs.get("val_loss"):
             what = "upper log loss" if self.cfg.upper_loss == "log" else "upper loss"
             upper = f"  {what} {sum(logs['val_loss']) / len(logs['val_loss']):.4f}"
         log.info("epoch %d: train %.5f  val %.5f%s  W range [%.3f, %.3f]", epoch, mean_train,
