@@ -41,7 +41,7 @@ def mismatches(folder: Path, options: list[str]) -> list[str]:
     path = folder / "config.toml"
     if not path.exists():
         return []
-    saved = {"lr_schedule": "constant", "upper_loss": "mean", **train.tomllib.loads(path.read_text())}
+    saved = {**train.BEFORE_OPTION, **train.tomllib.loads(path.read_text())}
     wrong = []
     for flag, value in zip(options[::2], options[1::2]):
         key = flag.removeprefix("--").replace("-", "_")

@@ -108,6 +108,8 @@ class TrainConfig:
 
 
 INT_PAIRS = ("size", "crop")  # options of two integers, H W
+# what a run whose config.toml predates an option trained with: a constant rate, the plain mean
+BEFORE_OPTION = {"lr_schedule": "constant", "upper_loss": "mean"}
 # what --resume cannot change: the data, its split and masks, the network, the shape of Ω
 FIXED_ON_RESUME = frozenset({"tasks", "unseen", "size", "coils", "slices", "volumes",
                              "mask_variants", "mask", "acceleration", "center_fraction", "crop",
@@ -471,6 +473,11 @@ def hypergradient(cfg: TrainConfig) -> Any:
                                  iters=10, damping=1e-3)
 
 
+def upper_label(cfg: TrainConfig) -> str:
+    """How logs name the Ω steps' objective (the log one is negative)."""
+    return "upper log loss" if cfg.upper_loss == "log" else "upper loss"
+
+
 class Recorder:
     """Epoch callback of rank 0: CSV logs, weights.csv, TensorBoard, checkpoints, progress."""
 
@@ -520,8 +527,7 @@ class Recorder:
             save_atomic(state, self.out / "best.pt")
         upper = ""  # the upper steps' objective on their validation minibatches (meta mode)
         if logs.get("val_loss"):
-            what = "upper log loss" if self.cfg.upper_loss == "log" else "upper loss"
-            upper = f"  {what} {sum(logs['val_loss']) / len(logs['val_loss']):.4f}"
+            upper = f"  {upper_label(self.cfg)} {sum(logs['val_loss']) / len(logs['val_loss']):.4f}"
         log.info("epoch %d: train %.5f  val %.5f%s  W range [%.3f, %.3f]", epoch, mean_train,
                  mean_val, upper, float(W.min()), float(W.max()))
         if "hypergrad_residual" in logs:  # an implicit solve that did not converge shows here
@@ -585,9 +591,7 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
         state = load_checkpoint(out / "checkpoint.pt", "cpu")
         lacking = [k for k in ("torch_rng", "trained_on") if k not in state]
         try:
-            # runs from before --lr-schedule trained at a constant rate, from before
-            # --upper-loss on the mean loss
-            saved = TrainConfig(**{"lr_schedule": "constant", "upper_loss": "mean", **state["config"]})
+            saved = TrainConfig(**{**BEFORE_OPTION, **state["config"]})
         except TypeError as err:  # an option this version does not have
             lacking.append(f"config ({err})")
         if lacking:
@@ -737,7 +741,7 @@ def run(cfg: TrainConfig, resume: bool = False, given: Sequence[str] = ()) -> di
     def step_done(tr: bk.trainers.BilevelTrainer, kind: str, losses: list[float]) -> None:
         if steps.n >= steps.total:
             steps.reset()
-        what = "upper log loss" if kind == "upper" and cfg.upper_loss == "log" else f"{kind} loss"
+        what = upper_label(cfg) if kind == "upper" else "lower loss"
         steps.set_postfix({what: f"{sum(losses) / len(losses):.4f}"})
         steps.update(1)
 
